@@ -1,0 +1,79 @@
+"""Configuration of a GHN-2 network, as stored in ppuda checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from timm_ghn.errors import CheckpointError
+
+__all__ = ["GHNConfig"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GHNConfig:
+    """Constructor arguments of a GHN-1/GHN-2 network (the ``config`` dict of a ppuda checkpoint).
+
+    Attributes:
+        max_shape: ``(K0, K1, S, S)``, the largest block the decoder produces: output channels,
+            input channels and kernel size. Larger tensors are tiled from it.
+        num_classes: rows of the predicted classifier.
+        hypernet: message passing, ``gatedgnn`` (GHN-1/2) or ``mlp`` (per-node MLP baseline).
+        decoder: parameter decoder; only ``conv`` (every released file) is implemented.
+        weight_norm: rescale predicted tensors by their fan-in (GHN-2) or not (GHN-1).
+        ve: virtual edges up to distance 50 (GHN-2) or real edges only (GHN-1).
+        layernorm: LayerNorm on node embeddings before decoding.
+        hid: node embedding width ``d``.
+    """
+
+    max_shape: tuple[int, int, int, int] = (64, 64, 16, 16)
+    num_classes: int = 1000
+    hypernet: str = "gatedgnn"
+    decoder: str = "conv"
+    weight_norm: bool = True
+    ve: bool = True
+    layernorm: bool = True
+    hid: int = 32
+
+    def __post_init__(self) -> None:
+        if len(self.max_shape) != 4 or self.max_shape[2] != self.max_shape[3]:
+            raise CheckpointError(f"invalid GHN config: max_shape must be (K0, K1, S, S), got {self.max_shape}")
+        if self.hypernet not in ("gatedgnn", "mlp"):
+            raise CheckpointError(f"invalid GHN config: hypernet must be 'gatedgnn' or 'mlp', got {self.hypernet!r}")
+        if self.decoder != "conv":
+            # NOTE: ppuda's 'mlp' decoder exists in its code but no released checkpoint uses it.
+            raise CheckpointError(f"unsupported GHN config: decoder {self.decoder!r}; only 'conv' is implemented")
+        if self.hid % 4 != 0 or self.hid <= 0:
+            raise CheckpointError(f"invalid GHN config: hid must be a positive multiple of 4, got {self.hid}")
+
+    @property
+    def max_channels(self) -> int:
+        return max(self.max_shape[0], self.max_shape[1])
+
+    @property
+    def ve_cutoff(self) -> int:
+        """Longest shortest-path distance stored as a virtual edge."""
+        return 50 if self.ve else 1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "GHNConfig":
+        """Build a config from a ppuda ``config`` dict; unknown keys are rejected by name."""
+        fields = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise CheckpointError(f"invalid GHN config: unknown keys {unknown}; expected a subset of {sorted(fields)}")
+        kwargs = dict(values)
+        if "max_shape" in kwargs:
+            kwargs["max_shape"] = tuple(int(v) for v in kwargs["max_shape"])
+        for key in ("num_classes", "hid"):
+            if key in kwargs:
+                kwargs[key] = int(kwargs[key])
+        for key in ("weight_norm", "ve", "layernorm"):
+            if key in kwargs:
+                kwargs[key] = bool(kwargs[key])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["max_shape"] = list(self.max_shape)
+        return values

@@ -1,0 +1,589 @@
+"""Computational graph of an ``nn.Module`` in the form a GHN-2 reads.
+
+The graph is traced from one forward pass: PyTorch's autograd graph is walked backwards from the
+output, parameters of supported layers become nodes, and a few parameter-free operations (sums,
+concatenations, pools, global means, squeeze-excitation products) are kept as nodes. Every other
+operation is removed and its inputs are connected to its outputs. Finally each node is connected to
+all of its descendants within 50 steps by a "virtual edge" that carries the shortest-path length.
+
+For the layers and operations that the original GHN-2 code (ppuda, commit 4673a42) supports, every
+step follows that code, so torchvision's and timm's ResNets give node for node the same graph. The
+builder extends it where it fails on timm models:
+
+* Layer classes are matched with ``isinstance``, so timm's norm subclasses (``LayerNorm``,
+  ``LayerNorm2d``, ``BatchNormAct2d``) and convolution subclasses (``Conv2dSame``, ``StdConv2d``)
+  are nodes. ppuda matches the exact class and silently drops their parameters.
+* A parameter the graph cannot place (an unsupported module, such as timm ConvNeXt's layer-scale
+  ``gamma``) is skipped. Operations that then depend on no placed parameter and no input (the
+  reshape of that ``gamma``) are pruned instead of becoming a second source node, which made
+  ppuda's builder fail. The skipped parameters are listed in ``Graph.unplaced``.
+* When more than one source node remains, the ``input`` node feeds all of them.
+* Parameter names are used unchanged. ppuda cuts names at ``stem`` and ``pos_enc`` (a convention of
+  its DeepNets-1M models), which breaks the name match for timm's ``conv_stem``.
+* A kept operation that has no GHN-2 primitive becomes ``sum`` (the GHN-3 rule) instead of
+  failing.
+
+The forward pass runs on the ``meta`` device through ``torch.func.functional_call``: no weight is
+allocated, nothing is computed, and the model's own parameters and buffers are not touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import shortest_path
+from torch import nn
+
+from timm_ghn.errors import TimmGhnError
+
+__all__ = [
+    "PRIMITIVES",
+    "GraphNode",
+    "Graph",
+    "build_graph",
+    "group_key",
+    "default_input_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Node types of GHN-2 and GHN-3 (the DeepNets-1M vocabulary); a node's type id is its index here.
+PRIMITIVES: tuple[str, ...] = (
+    "max_pool",
+    "avg_pool",
+    "sep_conv",
+    "dil_conv",
+    "conv",
+    "msa",
+    "cse",
+    "sum",
+    "concat",
+    "input",
+    "bias",
+    "bn",
+    "ln",
+    "pos_enc",
+    "glob_avg",
+)
+
+#: Autograd operation names (class name before ``Backward``) that may stay in the graph.
+OPERATION_PRIMITIVES: dict[str, str] = {
+    "Mean": "glob_avg",
+    "AdaptiveAvgPool2D": "glob_avg",
+    "MaxPool2DWithIndices": "max_pool",
+    "AvgPool2D": "avg_pool",
+    "Clone": "msa",
+    "Mul": "cse",
+    "Add": "sum",
+    "Cat": "concat",
+    "input": "input",
+}
+
+#: Largest shortest-path length stored as a virtual edge (GHN-2 and GHN-3 with ``ve``).
+VIRTUAL_EDGE_CUTOFF = 50
+
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
+
+
+def _parameter_primitive(module: nn.Module, name: str) -> str | None:
+    """Return the primitive of a parameter of ``module``, or None if the module is unsupported."""
+    if isinstance(module, nn.Conv2d):
+        if "bias" in name:
+            return "bias"
+        if module.groups > 1:
+            return "dil_conv" if min(module.dilation) > 1 else "sep_conv"
+        return "conv"
+    if isinstance(module, nn.Linear):
+        return "bias" if "bias" in name else "conv"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "bn"
+    if isinstance(module, nn.LayerNorm):
+        return "ln"
+    return None
+
+
+@dataclasses.dataclass
+class GraphNode:
+    """One node of the graph.
+
+    ``name`` is the full parameter name for a parameter node, the autograd class name (for
+    example ``AddBackward0``) for an operation node, and ``input`` for the input node.
+    ``shape`` is the shape given to the GHN's shape encoder: the parameter's shape, ``(1, 1, kh,
+    kw)`` for a pooling node, None otherwise. ``bias_name`` is the norm-layer bias that is
+    predicted together with a norm weight.
+    """
+
+    name: str
+    primitive: str
+    param_name: str | None = None
+    shape: tuple[int, ...] | None = None
+    module_name: str | None = None
+    bias_name: str | None = None
+    is_weight: bool = False
+    last_weight: bool = False
+    last_bias: bool = False
+
+
+@dataclasses.dataclass
+class Graph:
+    """A model's computational graph with virtual edges.
+
+    ``adjacency[u, v]`` is 0 without a path from ``u`` to ``v``, 1 for a real edge and the
+    shortest-path length (2 to the cutoff) for a virtual edge. Nodes are topologically sorted and
+    node 0 is the input.
+    """
+
+    nodes: list[GraphNode]
+    adjacency: np.ndarray
+    unplaced: list[str]
+    input_size: tuple[int, ...]
+    ve_cutoff: int
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def node_types(self) -> torch.Tensor:
+        """Primitive index of every node, int64 ``[N]``."""
+        return torch.tensor([PRIMITIVES.index(n.primitive) for n in self.nodes], dtype=torch.long)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """``[E, 3]`` int64 rows ``(source, target, distance)`` in row-major order of the adjacency."""
+        src, dst = np.nonzero(self.adjacency)
+        return np.stack([src, dst, self.adjacency[src, dst]], axis=1).astype(np.int64)
+
+    @property
+    def placed(self) -> list[str]:
+        """Names of the parameters that graph nodes stand for, norm biases included."""
+        names = []
+        for node in self.nodes:
+            if node.param_name is not None:
+                names.append(node.param_name)
+            if node.bias_name is not None:
+                names.append(node.bias_name)
+        return names
+
+    def primitive_histogram(self) -> dict[str, int]:
+        histogram: dict[str, int] = {}
+        for node in self.nodes:
+            histogram[node.primitive] = histogram.get(node.primitive, 0) + 1
+        return dict(sorted(histogram.items()))
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...]:
+    """Return the per-sample input shape used to trace ``model``.
+
+    Order of precedence: an ``expected_input_sz`` attribute (an int ``s`` means ``(3, s, s)``, as
+    in ppuda), the ``input_size`` of timm's ``pretrained_cfg``, then ``(3, 224, 224)``.
+    """
+    size = getattr(model, "expected_input_sz", None)
+    if isinstance(size, int):
+        return (3, size, size)
+    if isinstance(size, (tuple, list)):
+        return tuple(int(s) for s in size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("input_size"):
+        return tuple(int(s) for s in cfg["input_size"])
+    return (3, 224, 224)
+
+
+def group_key(
+    shape: Sequence[int], max_shape: Sequence[int], last_weight: bool = False, last_bias: bool = False
+) -> tuple[int, ...]:
+    """Return the GHN decoder group key of a parameter shape.
+
+    Channel counts are rounded by ``ms``: ``n = min(s, K)``; a multiple of 3 becomes ``n // 3 * 4``;
+    ``n >= K / 2`` becomes ``K``. Spatial sizes of 4-D shapes stay exact. The key is
+    ``(ms0, -1)`` for the classifier bias, ``(ms0, 0)`` for other 1-D tensors, ``(ms0, ms1)`` for
+    the classifier weight, ``(ms0, ms1, 1, 1)`` for 2-D, ``(ms0, ms1, ms2)`` for 3-D and
+    ``(ms0, ms1, kh, kw)`` for 4-D tensors.
+    """
+
+    def ms(dim: int) -> int:
+        limit = max_shape[dim]
+        n = min(int(shape[dim]), limit)
+        if n % 3 == 0:
+            n = n // 3 * 4
+        if n >= limit / 2:
+            n = limit
+        return n
+
+    if len(shape) == 1:
+        return (ms(0), -1) if last_bias else (ms(0), 0)
+    if last_weight:
+        return (ms(0), ms(1))
+    if len(shape) == 2:
+        return (ms(0), ms(1), 1, 1)
+    if len(shape) == 3:
+        return (ms(0), ms(1), ms(2))
+    return (ms(0), ms(1), int(shape[2]), int(shape[3]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing
+
+
+@dataclasses.dataclass
+class _Entry:
+    name: str
+    module: nn.Module | None
+    module_name: str | None
+    shape: tuple[int, ...] | None = None
+    keepdim: str | None = None
+    kernel_size: str | None = None
+
+
+def _operation_name(label: str) -> str:
+    return label.split("Backward")[0]
+
+
+def _trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
+    """Run one forward pass on the meta device and map each traced parameter to its name."""
+    names_by_param: dict[int, str] = {}
+    owners: dict[str, tuple[str, nn.Module]] = {}
+    for module_name, module in model.named_modules():
+        for local_name, param in module.named_parameters(recurse=False):
+            if param is None:
+                continue
+            full_name = f"{module_name}.{local_name}" if module_name else local_name
+            owners[full_name] = (module_name, module)
+            names_by_param.setdefault(id(param), full_name)
+
+    meta_by_param: dict[int, torch.Tensor] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in meta_by_param:
+            meta_by_param[id(param)] = torch.empty_like(param, device="meta").requires_grad_(True)
+        replacements[name] = meta_by_param[id(param)]
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        replacements[name] = torch.empty_like(buffer, device="meta")
+
+    sample = torch.empty((2, *input_size), device="meta")
+    with torch.enable_grad():
+        output = torch.func.functional_call(model, replacements, (sample,), tie_weights=True, strict=False)
+
+    if isinstance(output, torch.Tensor):
+        outputs = [output]
+    elif isinstance(output, dict):
+        outputs = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        outputs = [output[0]]
+    else:
+        raise TimmGhnError(f"cannot trace {type(model).__name__}: its forward returned {type(output).__name__}")
+    param_names = {id(meta_by_param[pid]): names_by_param[pid] for pid in meta_by_param}
+    # The meta tensors are returned too: identities in ``param_names`` are valid while they live.
+    return outputs, {"param_names": param_names, "owners": owners, "tensors": list(meta_by_param.values())}
+
+
+def _collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict):
+    """Walk the autograd graph depth-first from the outputs and return the entries and edges.
+
+    Entries are registered in discovery order (output side first); an operation with parameters of
+    supported layers registers those parameters, an operation without registers itself. Edges go
+    from a producer's last entry to a consumer's first entry, except that an entry named like a
+    bias is placed after the consumer's first entry (``weight -> bias``).
+    """
+    entries: dict[object, _Entry] = {}
+    memo: dict[object, tuple[object | None, str]] = {}
+    edges: list[tuple[object, object]] = []
+    skipped: set[str] = set()
+
+    def enter(function) -> list:
+        label = type(function).__name__
+        first = last = None
+        if not hasattr(function, "variable"):
+            leaves = []
+            for child, _ in function.next_functions:
+                if child is None or not hasattr(child, "variable"):
+                    continue
+                name = param_names.get(id(child.variable))
+                if name is None:
+                    continue
+                module_name, module = owners[name]
+                local = name.rsplit(".", 1)[-1]
+                if _parameter_primitive(module, name) is None or child.variable.dim() > 4:
+                    skipped.add(name)
+                    continue
+                if isinstance(module, _NORM_TYPES) and local == "bias":
+                    continue
+                leaves.append((child, _Entry(name, module, module_name, tuple(child.variable.shape))))
+            if not leaves:
+                entry = _Entry(label, None, None)
+                keepdim = getattr(function, "_saved_keepdim", None) if label.startswith("Mean") else None
+                entry.keepdim = None if keepdim is None else str(keepdim)
+                if "Pool" in label:
+                    kernel = getattr(function, "_saved_kernel_size", None)
+                    entry.kernel_size = None if kernel is None else str(kernel)
+                leaves = [(function, entry)]
+            for key, entry in leaves:
+                if key not in entries:
+                    entries[key] = entry
+                memo[key] = (key, entry.name)
+            first, last = leaves[0][0], leaves[-1][0]
+        memo[function] = (last, label)
+        return [function, first, list(function.next_functions), 0]
+
+    for output in outputs:
+        if output is None or output.grad_fn is None:
+            continue
+        root = output.grad_fn
+        if root in memo:
+            continue
+        stack = [enter(root)]
+        while stack:
+            frame = stack[-1]
+            function, first, children, index = frame
+            if index >= len(children):
+                stack.pop()
+                continue
+            frame[3] = index + 1
+            child = children[index][0]
+            if child is None:
+                continue
+            new = child not in memo
+            if new:
+                child_frame = enter(child)
+            link, label = memo[child]
+            if link is not None and link is not first:
+                if "bias" in label:
+                    edges.append((first, link))
+                else:
+                    edges.append((link, first))
+            if new:
+                stack.append(child_frame)
+    return entries, edges, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph rewriting steps (ppuda order: linear fix, input node, sort, filter, virtual edges)
+
+
+def _fix_linear_layers(entries: list[_Entry], adjacency: np.ndarray) -> None:
+    """Reorder ``producer -> bias <- weight`` of ``nn.Linear`` into ``producer -> weight -> bias``."""
+    for i, entry in enumerate(entries):
+        if not isinstance(entry.module, nn.Linear) or ".weight" not in "." + entry.name:
+            continue
+        for j in np.flatnonzero(adjacency[i]).tolist():
+            sources = np.flatnonzero(adjacency[:, j])
+            adjacency[sources, i] = 1
+            adjacency[:, j] = 0
+            adjacency[i, j] = 1
+            adjacency[i, i] = 0
+
+
+def _prune_dangling_operations(entries: list[_Entry], adjacency: np.ndarray):
+    """Drop operation nodes without inputs, which only depend on skipped parameters."""
+    keep = np.ones(len(entries), dtype=bool)
+    while True:
+        in_degree = adjacency[:, keep][keep].sum(axis=0)
+        alive = np.flatnonzero(keep)
+        dangling = [alive[k] for k in np.flatnonzero(in_degree == 0) if entries[alive[k]].module is None]
+        if not dangling:
+            break
+        keep[dangling] = False
+    index = np.flatnonzero(keep)
+    return [entries[i] for i in index], adjacency[np.ix_(index, index)]
+
+
+def _topological_order(adjacency: np.ndarray) -> list[int]:
+    """Kahn's algorithm by generations, successors in increasing index (networkx >= 2.6 order)."""
+    n = adjacency.shape[0]
+    in_degree = (adjacency != 0).sum(axis=0).astype(np.int64)
+    successors = [np.flatnonzero(adjacency[i]).tolist() for i in range(n)]
+    generation = [i for i in range(n) if in_degree[i] == 0]
+    order: list[int] = []
+    while generation:
+        order.extend(generation)
+        following = []
+        for node in generation:
+            for child in successors[node]:
+                in_degree[child] -= 1
+                if in_degree[child] == 0:
+                    following.append(child)
+        generation = following
+    if len(order) != n:
+        raise TimmGhnError("the traced graph has a cycle; it cannot be sorted topologically")
+    return order
+
+
+def _filter_operations(entries: list[_Entry], adjacency: np.ndarray):
+    """Remove parameter-free operations that GHN-2 does not model, bypassing each removed node.
+
+    One pass per pattern over the node list; a node matches when the pattern is a substring of its
+    name. Matching ``Mean``, ``Mul``, ``Clone``, ``Add`` and ``Cat`` nodes may be kept by ppuda's
+    rules; every other matching node is removed and its inputs are connected to its outputs.
+    """
+    unsupported: list[str] = []
+    for entry in entries:
+        if entry.module is None and _operation_name(entry.name) not in OPERATION_PRIMITIVES:
+            if entry.name not in unsupported:
+                unsupported.append(entry.name)
+    patterns = ["Mul", "Clone", *unsupported, "Mean", "Add", "Cat"]
+
+    for pattern in patterns:
+        removed: list[int] = []
+        for i, entry in enumerate(entries):
+            if pattern not in entry.name:
+                continue
+            name = entry.name
+            if name.startswith("Mean"):
+                if entry.keepdim is not None:
+                    keep = entry.keepdim == "True"
+                else:
+                    keep = i < len(entries) - 1 and not entries[i + 1].name.startswith("cells.")
+            elif name.startswith("Mul"):
+                keep = entries[i - 2].name.startswith("Hard")
+            elif name.startswith("Clone"):
+                keep = entries[i - 11].name.startswith("Softmax")
+            elif name.startswith(("Cat", "Add")):
+                keep = np.count_nonzero(adjacency[:, i]) > 1
+            else:
+                keep = False
+            if keep:
+                continue
+            removed.append(i)
+            sources = np.flatnonzero(adjacency[:, i])
+            targets = np.flatnonzero(adjacency[i])
+            for a in sources:
+                for b in targets:
+                    if a != b:
+                        adjacency[a, b] = 1
+        if removed:
+            keep_index = np.setdiff1d(np.arange(len(entries)), removed)
+            entries = [entries[k] for k in keep_index]
+            adjacency = adjacency[np.ix_(keep_index, keep_index)]
+    return entries, adjacency
+
+
+def _add_virtual_edges(adjacency: np.ndarray, cutoff: int) -> np.ndarray:
+    """Store the directed shortest-path length ``1 < d <= cutoff`` between every pair of nodes."""
+    adjacency = adjacency.astype(np.int64)
+    np.fill_diagonal(adjacency, 0)
+    if cutoff <= 1:
+        return adjacency
+    distances = shortest_path(csr_matrix((adjacency > 0).astype(np.float64)), method="D", unweighted=True)
+    reachable = np.isfinite(distances) & (distances > 1) & (distances <= cutoff)
+    result = adjacency.copy()
+    result[reachable & (adjacency == 0)] = distances[reachable & (adjacency == 0)].astype(np.int64)
+    return result
+
+
+def _parse_kernel_size(text: str | None) -> tuple[int, int, int, int]:
+    if text is None:
+        return (1, 1, 3, 3)
+    pieces = [piece.strip("(").strip(")").strip() for piece in text.split(",")]
+    sizes = [int(piece) for piece in pieces if piece]
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    return (1, 1, *sizes[:2])
+
+
+def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
+    nodes: list[GraphNode] = []
+    n = len(entries)
+    for v, entry in enumerate(entries):
+        if entry.module is not None:
+            primitive = _parameter_primitive(entry.module, entry.name)
+            local = entry.name.rsplit(".", 1)[-1]
+            bias_name = None
+            is_weight = local == "weight"
+            if isinstance(entry.module, _NORM_TYPES) and getattr(entry.module, "bias", None) is not None:
+                bias_name = f"{entry.module_name}.bias" if entry.module_name else "bias"
+            node = GraphNode(
+                name=entry.name,
+                primitive=primitive,
+                param_name=entry.name,
+                shape=entry.shape,
+                module_name=entry.module_name,
+                bias_name=bias_name,
+                is_weight=is_weight,
+                last_weight=v == n - 2,
+                last_bias=v == n - 1,
+            )
+        else:
+            operation = _operation_name(entry.name)
+            primitive = OPERATION_PRIMITIVES.get(operation)
+            if primitive is None:
+                logger.warning("operation %s has no GHN-2 node type; it is encoded as 'sum'", entry.name)
+                primitive = "sum"
+            shape = _parse_kernel_size(entry.kernel_size) if "pool" in primitive and primitive != "glob_avg" else None
+            node = GraphNode(name=entry.name, primitive=primitive, shape=shape)
+        nodes.append(node)
+    return nodes
+
+
+def build_graph(
+    model: nn.Module,
+    input_size: Iterable[int] | None = None,
+    ve_cutoff: int = VIRTUAL_EDGE_CUTOFF,
+) -> Graph:
+    """Trace ``model`` on the meta device and build its GHN graph.
+
+    Args:
+        model: any module; its parameters and buffers are neither read nor changed.
+        input_size: per-sample input shape, default from :func:`default_input_size`.
+        ve_cutoff: longest shortest-path length stored as a virtual edge (50 for GHN-2 and
+            GHN-3, 1 for GHN-1, which has no virtual edges).
+
+    Returns:
+        The graph, with the names of parameters it could not place in ``Graph.unplaced``.
+    """
+    size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
+    try:
+        outputs, names = _trace_output(model, size)
+    except TimmGhnError:
+        raise
+    except Exception as error:  # a forward pass can fail in many ways; report which model and why
+        raise TimmGhnError(
+            f"cannot trace {type(model).__name__} with input size {size} on the meta device: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+    entries_by_key, edge_keys, skipped = _collect_entries(outputs, names["param_names"], names["owners"])
+    keys = list(entries_by_key)
+    index_of = {id(key): i for i, key in enumerate(keys)}
+    entries = [entries_by_key[key] for key in keys]
+    adjacency = np.zeros((len(entries), len(entries)), dtype=np.int64)
+    for source, target in edge_keys:
+        adjacency[index_of[id(source)], index_of[id(target)]] = 1
+
+    _fix_linear_layers(entries, adjacency)
+    entries, adjacency = _prune_dangling_operations(entries, adjacency)
+
+    sources = np.flatnonzero(adjacency.sum(axis=0) == 0)
+    if len(sources) > 1:
+        logger.debug("graph has %d source nodes; the input node feeds all of them", len(sources))
+    entries.append(_Entry("input", None, None))
+    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
+    adjacency[-1, sources] = 1
+
+    np.fill_diagonal(adjacency, 0)
+    order = _topological_order(adjacency)
+    entries = [entries[i] for i in order]
+    adjacency = adjacency[np.ix_(order, order)]
+
+    entries, adjacency = _filter_operations(entries, adjacency)
+    adjacency = _add_virtual_edges(adjacency, ve_cutoff)
+    nodes = _make_nodes(entries)
+
+    graph = Graph(nodes=nodes, adjacency=adjacency, unplaced=[], input_size=size, ve_cutoff=ve_cutoff)
+    placed = set(graph.placed)
+    all_names = [name for name, _ in model.named_parameters()]
+    graph.unplaced = [name for name in all_names if name not in placed]
+    if graph.unplaced:
+        logger.info(
+            "graph of %s places %d of %d parameter tensors; not placed: %s",
+            type(model).__name__,
+            len(all_names) - len(graph.unplaced),
+            len(all_names),
+            ", ".join(graph.unplaced[:10]) + (" ..." if len(graph.unplaced) > 10 else ""),
+        )
+    return graph

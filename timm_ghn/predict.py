@@ -1,0 +1,218 @@
+"""Predict a model's parameters with a GHN and write them into the model in place.
+
+For every parameter node of the model's graph the GHN decodes a block (at most ``max_shape``),
+which is fitted to the parameter's shape (:func:`fit_block`), rescaled (:func:`normalize_block`)
+and copied into the parameter. Buffers, such as BatchNorm running statistics, are never written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from timm_ghn.ghn.checkpoint import LoadedGHN
+from timm_ghn.ghn.network import GHN2, NodeEmbeddings
+from timm_ghn.graph import Graph, GraphNode, build_graph
+
+__all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class PredictionResult:
+    """What a prediction set, what it left at the model's own initialization, and timings (s)."""
+
+    predicted: list[str]
+    unpredicted: list[str]
+    num_params_predicted: int
+    num_params_total: int
+    classifier_predicted: bool
+    graph: Graph
+    embeddings: NodeEmbeddings | None
+    graph_seconds: float
+    ghn_seconds: float
+
+    @property
+    def fraction_predicted(self) -> float:
+        """Fraction of the model's parameter elements set by the GHN (1.0 for an empty model)."""
+        return self.num_params_predicted / self.num_params_total if self.num_params_total else 1.0
+
+    def summary(self) -> str:
+        tensors_total = len(self.predicted) + len(self.unpredicted)
+        return (
+            f"predicted {len(self.predicted)}/{tensors_total} tensors, "
+            f"{self.num_params_predicted:,}/{self.num_params_total:,} parameters "
+            f"({100 * self.fraction_predicted:.2f}%)"
+        )
+
+
+def fit_block(block: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+    """Slice and tile a decoded block to the ``target`` shape (ppuda's ``_tile_params``).
+
+    1. Slice: a 1-D target takes ``block[:t0, 0, ...]`` of a multi-dim block; a 2-D target the
+       ``[:t0, :t1, 0, 0]`` corner of a 4-D block; a 3-D target ``[:t0, :t1, :t2, 0]``; a 4-D
+       target the top-left ``[:t0, :t1, :t2, :t3]`` corner.
+    2. Tile: repeat along dim 0 while it is shorter than ``t0`` (row ``o`` becomes row
+       ``o mod s0``), then likewise along dim 1. Kernel dims are never tiled here.
+    3. Chop every dim to the target.
+
+    Raises:
+        ValueError: the block cannot be brought to the target shape.
+    """
+    target = tuple(int(t) for t in target)
+    w = block
+    if len(target) == 1 and w.dim() >= 2:
+        w = w[(slice(0, min(target[0], w.shape[0])),) + (0,) * (w.dim() - 1)]
+    elif len(target) == 2 and w.dim() == 4:
+        w = w[: target[0], : target[1], 0, 0]
+    elif len(target) == 3 and w.dim() == 4:
+        w = w[: target[0], : target[1], : target[2], 0]
+    elif len(target) == 4 and w.dim() == 4:
+        w = w[: target[0], : target[1], : target[2], : target[3]]
+
+    if w.dim() != len(target):
+        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    for dim in range(min(2, w.dim())):
+        if target[dim] > w.shape[dim]:
+            repeats = [1] * w.dim()
+            repeats[dim] = math.ceil(target[dim] / w.shape[dim])
+            w = w.repeat(*repeats)
+    w = w[tuple(slice(0, t) for t in target)]
+    if tuple(w.shape) != target:
+        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    return w
+
+
+def normalize_block(p: torch.Tensor, is_weight: bool) -> torch.Tensor:
+    """Rescale a fitted tensor as GHN-2's ``weight_norm`` does.
+
+    * ≥ 2 dims: ``p * sqrt(β / fan_in)`` with ``fan_in = p[0].numel()``, ``β = 1`` for depthwise
+      kernels (``p.shape[1] == 1``) and kernels wider than tall, else ``β = 2`` (He scaling).
+      Tensors with ``p.shape[0] == 1`` and a third dim of at least 11 (positional encodings) stay.
+    * 1-D weights (norm scales): ``2 · sigmoid(p / 2)``, in (0, 2).
+    * 1-D biases: ``tanh(p / 5)``, in (−1, 1).
+    """
+    if p.dim() >= 2:
+        if p.dim() > 2 and p.shape[2] >= 11 and p.shape[0] == 1:
+            return p
+        narrow = p.dim() > 2 and (p.shape[1] == 1 or (p.dim() > 3 and p.shape[2] < p.shape[3]))
+        beta = 1.0 if narrow else 2.0
+        return p * math.sqrt(beta / p[0].numel())
+    if is_weight:
+        return 2.0 * torch.sigmoid(0.5 * p)
+    return torch.tanh(0.2 * p)
+
+
+def _classifier_matches(nodes: list[GraphNode], params: dict[str, nn.Parameter], num_classes: int) -> bool:
+    for node in nodes:
+        if node.last_weight and node.param_name is not None:
+            return params[node.param_name].shape[0] == num_classes
+    return True
+
+
+def predict_parameters(
+    model: nn.Module,
+    ghn: GHN2 | LoadedGHN,
+    *,
+    predict_classifier: bool | None = None,
+    graph: Graph | None = None,
+    keep_embeddings: bool = False,
+) -> PredictionResult:
+    """Predict the parameters of ``model`` with ``ghn`` and copy them into the model in place.
+
+    Args:
+        model: the network; its parameters may live on any real device and dtype.
+        ghn: the hypernetwork (on CPU or CUDA); see :func:`timm_ghn.ghn.load_ghn`.
+        predict_classifier: write the classifier (the graph's last weight and bias). Default: only
+            when its number of outputs equals the GHN's ``num_classes``, because the GHN's classes
+            carry no meaning for a new label set; the head then keeps the model's own init.
+        graph: a graph built earlier with :func:`timm_ghn.graph.build_graph`.
+        keep_embeddings: return the node embeddings for inspection.
+
+    Returns:
+        The predicted and unpredicted parameter names, counts and timings. Parameters that the
+        graph cannot place keep the model's initialization and are logged as a warning.
+    """
+    network = ghn.model if isinstance(ghn, LoadedGHN) else ghn
+    config = network.config
+    params = dict(model.named_parameters())
+
+    start = time.perf_counter()
+    if graph is None:
+        graph = build_graph(model, ve_cutoff=config.ve_cutoff)
+    graph_seconds = time.perf_counter() - start
+
+    if predict_classifier is None:
+        predict_classifier = _classifier_matches(graph.nodes, params, config.num_classes)
+
+    start = time.perf_counter()
+    predicted: list[str] = []
+    failed: list[str] = []
+    with torch.no_grad():
+        embeddings = network.embed_nodes(graph)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, node in enumerate(graph.nodes):
+            if node.param_name is None:
+                continue
+            if (node.last_weight or node.last_bias) and not predict_classifier and _is_classifier_key(node, params):
+                continue
+            key = network.group_key(params[node.param_name].shape, node.last_weight, node.last_bias)
+            groups.setdefault(key, []).append(index)
+
+        for key, members in groups.items():
+            blocks = network.decode(embeddings.final[members], key)
+            for block, index in zip(blocks, members):
+                node = graph.nodes[index]
+                is_1d = len(key) == 2 and key[1] <= 0
+                targets = [(node.param_name, block[0] if is_1d and node.is_weight else block[1] if is_1d else block, node.is_weight)]
+                if node.bias_name is not None and is_1d:
+                    targets.append((node.bias_name, block[1], False))
+                for name, raw, is_weight in targets:
+                    param = params[name]
+                    try:
+                        value = fit_block(raw, param.shape)
+                    except ValueError as error:
+                        logger.warning("parameter %s keeps its initialization: %s", name, error)
+                        failed.append(name)
+                        continue
+                    if config.weight_norm:
+                        value = normalize_block(value, is_weight)
+                    param.copy_(value)
+                    predicted.append(name)
+    ghn_seconds = time.perf_counter() - start
+
+    predicted_set = set(predicted)
+    unpredicted = [name for name in params if name not in predicted_set]
+    result = PredictionResult(
+        predicted=[name for name in params if name in predicted_set],
+        unpredicted=unpredicted,
+        num_params_predicted=sum(params[name].numel() for name in predicted_set),
+        num_params_total=sum(p.numel() for p in params.values()),
+        classifier_predicted=predict_classifier,
+        graph=graph,
+        embeddings=embeddings if keep_embeddings else None,
+        graph_seconds=graph_seconds,
+        ghn_seconds=ghn_seconds,
+    )
+    if unpredicted:
+        logger.warning(
+            "%s: %d parameter tensors keep the model's own initialization: %s",
+            type(model).__name__,
+            len(unpredicted),
+            ", ".join(unpredicted[:8]) + (" ..." if len(unpredicted) > 8 else ""),
+        )
+    logger.info("%s: %s", type(model).__name__, result.summary())
+    return result
+
+
+def _is_classifier_key(node: GraphNode, params: dict[str, nn.Parameter]) -> bool:
+    """True for the classifier weight (2-D, flagged last weight) and classifier bias (1-D, last)."""
+    shape = params[node.param_name].shape
+    return (node.last_weight and len(shape) >= 2) or (node.last_bias and len(shape) == 1)
