@@ -105,15 +105,15 @@ def test_correlation_std_identical_rows_is_zero() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape_or_weight", "variant"),
+    ("shape", "variant"),
     [
         ((1, 8, 3, 3), "released"),  # tall view [72, 1]: one column
         ((1, 8, 3, 3), "paper"),  # [1, 72]: one row
         ((5, 1), "released"),  # one column
     ],
 )
-def test_correlation_std_degenerate_shape_is_nan(shape_or_weight: tuple[int, ...], variant: str) -> None:
-    weight = _random_weight(shape_or_weight)
+def test_correlation_std_degenerate_shape_is_nan(shape: tuple[int, ...], variant: str) -> None:
+    weight = _random_weight(shape)
 
     assert math.isnan(correlation_std(weight, variant))
 
@@ -482,6 +482,15 @@ def test_ghn_orth_model_without_2d_weights() -> None:
     assert report.num_layers == 0
     assert report.transformed == []
     assert report.skipped_classifier is None
+
+
+def test_ghn_orth_nonfinite_weight_names_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+
+    with pytest.raises(ValueError, match=r"'1' \(layer 2\).*\(8, 8\)"):
+        ghn_orth_(model, beta=0.0, start_layer=1)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from timm_ghn.ghn.checkpoint import LoadedGHN
-from timm_ghn.ghn.network import GHN2, NodeEmbeddings
+from timm_ghn.hypernet.checkpoint import LoadedGHN
+from timm_ghn.hypernet.network import GHN2, NodeEmbeddings
 from timm_ghn.graph import Graph, GraphNode, build_graph
 
 __all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters"]
@@ -129,7 +129,7 @@ def predict_parameters(
 
     Args:
         model: the network; its parameters may live on any real device and dtype.
-        ghn: the hypernetwork (on CPU or CUDA); see :func:`timm_ghn.ghn.load_ghn`.
+        ghn: the hypernetwork (on CPU or CUDA); see :func:`timm_ghn.hypernet.load_ghn`.
         predict_classifier: write the classifier (the graph's last weight and bias). Default: only
             when its number of outputs equals the GHN's ``num_classes``, because the GHN's classes
             carry no meaning for a new label set; the head then keeps the model's own init.

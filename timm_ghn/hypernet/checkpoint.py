@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -26,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from timm_ghn.errors import CheckpointError
-from timm_ghn.ghn.config import GHNConfig
-from timm_ghn.ghn.network import GHN2
+from timm_ghn.hypernet.config import GHNConfig
+from timm_ghn.hypernet.network import GHN2
 
 __all__ = ["LoadedGHN", "load_ghn", "save_ghn", "file_sha256"]
 
@@ -66,13 +67,21 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _read_ppuda(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointError(
+            f"{path} is not a GHN checkpoint: unrecognised file format (first bytes {head!r}); expected a "
+            f"torch.save archive in ppuda's format or a timm_ghn safetensors file"
+        )
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        what = f"the Python global {found.group(1)}" if found else "Python objects"
         raise CheckpointError(
-            f"refusing to load {path}: it contains Python objects other than tensors and plain "
-            f"containers ({str(error).splitlines()[0]}); only ppuda-format GHN checkpoints and "
-            f"safetensors files are accepted"
+            f"refusing to load {path}: it references {what}, and only tensors and plain containers "
+            f"are loaded (a GHN checkpoint never needs more); use a ppuda-format or safetensors GHN checkpoint"
         ) from error
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise CheckpointError(

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from timm_ghn.ghn.gatedgnn import MLP
+from timm_ghn.hypernet.gatedgnn import MLP
 
 __all__ = ["ConvDecoder"]
 

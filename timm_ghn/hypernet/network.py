@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from timm_ghn.ghn.config import GHNConfig
-from timm_ghn.ghn.decoder import ConvDecoder, make_decoder_1d
-from timm_ghn.ghn.gatedgnn import MLP, GatedGNN
-from timm_ghn.ghn.shape_encoder import ShapeEncoder
+from timm_ghn.hypernet.config import GHNConfig
+from timm_ghn.hypernet.decoder import ConvDecoder, make_decoder_1d
+from timm_ghn.hypernet.gatedgnn import MLP, GatedGNN
+from timm_ghn.hypernet.shape_encoder import ShapeEncoder
 from timm_ghn.graph import PRIMITIVES, Graph, group_key
 
 __all__ = ["GHN2", "NodeEmbeddings"]

@@ -1,0 +1,162 @@
+"""Command line interface: ``timm-ghn predict MODEL ...``.
+
+User errors (unknown model, bad checkpoint, unwritable output, invalid option) print one line
+``timm-ghn: error: ...`` to stderr and exit with status 1; usage errors exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from timm_ghn.errors import InvalidOptionError, TimmGhnError
+from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, write_initialization
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("timm_ghn")
+
+
+def _parse_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise InvalidOptionError(f"invalid device {text!r}: expected cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(f"device {text!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def _parse_kwargs(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InvalidOptionError(f"invalid --model-kwargs {text!r}: not JSON ({error.msg})") from error
+    if not isinstance(values, dict):
+        raise InvalidOptionError(f"invalid --model-kwargs {text!r}: expected a JSON object such as '{{\"drop_rate\": 0.1}}'")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="timm-ghn",
+        description="Initialize timm models with parameters predicted by a Graph HyperNetwork (GHN-2) "
+        "and optionally post-processed with GHN-orth.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predict a model's parameters and write them as safetensors",
+        description="Build the timm model MODEL, predict its parameters with a GHN, post-process them "
+        "and write model.state_dict() to a safetensors file that timm's train.py loads with "
+        "--initial-checkpoint.",
+    )
+    predict.add_argument("model", metavar="MODEL", help="timm model name, e.g. resnet50 or convnext_base")
+    predict.add_argument(
+        "--method", choices=METHODS, default="ghn_orth",
+        help="ghn: raw GHN prediction; ghn_orth: prediction, then noise and orthogonalisation (default: %(default)s)",
+    )
+    predict.add_argument(
+        "--ghn", metavar="CHECKPOINT", default=None,
+        help=f"GHN checkpoint: a ppuda .pt file or a timm_ghn .safetensors file (default: ${GHN_ENV})",
+    )
+    predict.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes of the model's head (default: the model's own, 1000 for ImageNet models)")
+    predict.add_argument("--model-kwargs", default=None, metavar="JSON", help="other timm.create_model arguments as a JSON object")
+    predict.add_argument(
+        "--beta", type=float, default=3e-5, metavar="B",
+        help="GHN-orth noise scale β, a multiple of the std of each weight's correlation matrix; 0 disables noise (default: %(default)g)",
+    )
+    predict.add_argument(
+        "--start-layer", type=int, default=None, metavar="L",
+        help="first layer GHN-orth changes, 1-based among modules with a weight of ≥ 2 dims in registration order; "
+        "default: 37 for resnet50, 94 for convnext_base (100 with --variant paper), else the deepest third",
+    )
+    predict.add_argument(
+        "--variant", choices=("released", "paper"), default="released",
+        help="GHN-orth noise statistic: released = ppuda code (correlation of the tall weight view's rows), "
+        "paper = correlation between output channels (default: %(default)s)",
+    )
+    predict.add_argument("--seed", type=int, default=0, metavar="S", help="seed of timm's init of unpredicted parameters and of the noise (default: %(default)s)")
+    predict.add_argument("--device", default="cpu", metavar="D", help="device for the GHN and the model: cpu, cuda, cuda:N (default: %(default)s)")
+    classifier = predict.add_mutually_exclusive_group()
+    classifier.add_argument(
+        "--predict-classifier", dest="predict_classifier", action="store_true", default=None,
+        help="predict the head even when its classes differ from the GHN's (rows are tiled)",
+    )
+    classifier.add_argument(
+        "--no-predict-classifier", dest="predict_classifier", action="store_false",
+        help="keep timm's init of the head (default when its classes differ from the GHN's)",
+    )
+    predict.add_argument("-o", "--output", default=None, metavar="FILE", help="output file (default: MODEL-METHOD.safetensors in the current directory)")
+    return parser
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    device = _parse_device(args.device)
+    kwargs = _parse_kwargs(args.model_kwargs)
+    if args.num_classes is not None:
+        if args.num_classes < 1:
+            raise InvalidOptionError(f"invalid --num-classes {args.num_classes}: expected an integer >= 1")
+        kwargs["num_classes"] = args.num_classes
+    output = Path(args.output) if args.output else Path(f"{args.model.replace('/', '_')}-{args.method}.safetensors")
+
+    # Fail on an unusable output path before spending time on the prediction.
+    directory = output.expanduser().parent
+    if not directory.is_dir():
+        raise TimmGhnError(f"output directory does not exist: {directory}; create it or choose another -o path")
+
+    start = time.perf_counter()
+    model, report = initialize_model(
+        args.model,
+        method=args.method,
+        ghn=args.ghn,
+        beta=args.beta,
+        start_layer=args.start_layer,
+        variant=args.variant,
+        seed=args.seed,
+        device=device,
+        predict_classifier=args.predict_classifier,
+        model_kwargs=kwargs,
+    )
+    path = write_initialization(model, report, output)
+    seconds = time.perf_counter() - start
+
+    prediction = report.prediction
+    tensors_total = len(prediction.predicted) + len(prediction.unpredicted)
+    orth = f", GHN-orth from layer {report.start_layer} (beta {report.beta:g})" if report.orth else ""
+    print(
+        f"{path}: {args.model} {args.method}, predicted {len(prediction.predicted)}/{tensors_total} tensors and "
+        f"{prediction.num_params_predicted:,}/{prediction.num_params_total:,} parameters "
+        f"({100 * prediction.fraction_predicted:.2f}%){orth}, {seconds:.2f} s"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "predict":
+            return _run_predict(args)
+    except TimmGhnError as error:
+        print(f"timm-ghn: error: {error}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The main job: build a timm model, predict its parameters, post-process them, write a file.
+
+``initialize_model`` runs the steps and returns the model with a report; ``write_initialization``
+writes the model's state dict with header metadata that records every input of the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import timm
+import torch
+from timm.models import split_model_name_tag
+from torch import nn
+
+import timm_ghn
+from timm_ghn.errors import InvalidOptionError, TimmGhnError, UnknownModelError
+from timm_ghn.export import METADATA_PREFIX, encode_json, save_state_dict
+from timm_ghn.hypernet.checkpoint import LoadedGHN, load_ghn
+from timm_ghn.postprocess import OrthReport, ghn_orth_
+from timm_ghn.predict import PredictionResult, predict_parameters
+
+__all__ = [
+    "METHODS",
+    "GHN_ENV",
+    "InitReport",
+    "check_model_name",
+    "initialize_model",
+    "resolve_ghn",
+    "write_initialization",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Initialization methods: raw GHN prediction, or prediction followed by GHN-orth.
+METHODS = ("ghn", "ghn_orth")
+
+#: Environment variable naming the GHN checkpoint used when none is passed.
+GHN_ENV = "TIMM_GHN_CHECKPOINT"
+
+
+@dataclasses.dataclass
+class InitReport:
+    """Everything that determined an initialization, and what it did (times in seconds)."""
+
+    model_name: str
+    model_kwargs: dict[str, Any]
+    method: str
+    beta: float | None
+    start_layer: int | None
+    variant: str | None
+    seed: int
+    ghn_name: str
+    ghn_sha256: str
+    prediction: PredictionResult
+    orth: OrthReport | None
+    create_seconds: float
+    postprocess_seconds: float
+
+    def metadata(self) -> dict[str, str]:
+        """Header metadata for the safetensors file (all values are strings)."""
+        values = {
+            "model_name": self.model_name,
+            "model_kwargs": encode_json(self.model_kwargs),
+            "method": self.method,
+            "beta": "" if self.beta is None else repr(self.beta),
+            "start_layer": "" if self.start_layer is None else str(self.start_layer),
+            "variant": self.variant or "",
+            "seed": str(self.seed),
+            "ghn_name": self.ghn_name,
+            "ghn_sha256": self.ghn_sha256,
+            "predicted_fraction": f"{self.prediction.fraction_predicted:.6f}",
+            "classifier_predicted": str(self.prediction.classifier_predicted).lower(),
+            "unpredicted": encode_json(self.prediction.unpredicted),
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "version": timm_ghn.__version__,
+        }
+        return {METADATA_PREFIX + k: v for k, v in values.items()}
+
+    def summary(self) -> str:
+        seconds = self.prediction.graph_seconds + self.prediction.ghn_seconds + self.postprocess_seconds
+        return f"{self.model_name}: {self.method}, {self.prediction.summary()}, {seconds:.2f} s"
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise :class:`UnknownModelError` with close matches if timm does not know ``model_name``."""
+    architecture, _ = split_model_name_tag(model_name)
+    if timm.is_model(architecture):
+        return
+    suggestions = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else "; see timm.list_models() for valid names"
+    raise UnknownModelError(f"unknown timm model {model_name!r}{hint}")
+
+
+def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.device = "cpu") -> LoadedGHN:
+    """Return a loaded GHN from a path, an already loaded GHN, or ``$TIMM_GHN_CHECKPOINT``."""
+    if isinstance(ghn, LoadedGHN):
+        ghn.model.to(device)
+        return ghn
+    if ghn is None:
+        ghn = os.environ.get(GHN_ENV)
+        if not ghn:
+            # NOTE: until a default GHN ships inside the package, a checkpoint must be named.
+            raise TimmGhnError(
+                f"no GHN checkpoint given: pass --ghn PATH (Python: ghn=PATH) or set {GHN_ENV}"
+            )
+    return load_ghn(ghn, device=device)
+
+
+def _check_options(method: str, beta: float, start_layer: int | None, seed: int) -> None:
+    if method not in METHODS:
+        raise InvalidOptionError(f"invalid method {method!r}: expected one of {', '.join(METHODS)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise InvalidOptionError(f"invalid seed {seed!r}: expected an integer >= 0")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise InvalidOptionError(f"invalid beta {beta!r}: expected a finite number >= 0 (the paper uses 3e-5)")
+    if start_layer is not None and (not isinstance(start_layer, int) or start_layer < 0):
+        raise InvalidOptionError(f"invalid start layer {start_layer!r}: expected an integer >= 0 (1 is the first layer)")
+
+
+def initialize_model(
+    model_name: str,
+    *,
+    method: str = "ghn_orth",
+    ghn: str | os.PathLike | LoadedGHN | None = None,
+    beta: float = 3e-5,
+    start_layer: int | None = None,
+    variant: str = "released",
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    predict_classifier: bool | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, InitReport]:
+    """Create the timm model ``model_name`` and initialize it with a GHN.
+
+    Args:
+        model_name: a name from ``timm.list_models()``, optionally with a pretrained tag.
+        method: ``ghn`` (raw prediction) or ``ghn_orth`` (prediction, then GHN-orth).
+        ghn: GHN checkpoint path or loaded GHN; default ``$TIMM_GHN_CHECKPOINT``.
+        beta: GHN-orth noise scale β (dimensionless, relative to the spread of each weight's
+            correlations); 0 disables the noise.
+        start_layer: first 1-based layer (among modules with a ≥ 2-D weight) that GHN-orth
+            changes; default from :func:`timm_ghn.postprocess.default_start_layer`.
+        variant: GHN-orth correlation axis, ``released`` (ppuda code) or ``paper``.
+        seed: seeds timm's own initialization of unpredicted parameters and the GHN-orth noise,
+            so equal arguments give bitwise equal models.
+        device: where the GHN runs and the model lives (``cpu``, ``cuda``, ``cuda:1``).
+        predict_classifier: see :func:`timm_ghn.predict.predict_parameters`.
+        model_kwargs: keyword arguments for ``timm.create_model`` (``num_classes``, ``in_chans``...).
+
+    Returns:
+        The model (in training mode, on ``device``) and its :class:`InitReport`.
+    """
+    _check_options(method, beta, start_layer, seed)
+    check_model_name(model_name)
+    kwargs = dict(model_kwargs or {})
+    kwargs.pop("pretrained", None)
+    loaded = resolve_ghn(ghn, device)
+
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = timm.create_model(model_name, pretrained=False, **kwargs)
+        except TypeError as error:
+            raise InvalidOptionError(f"timm cannot build {model_name!r} with {kwargs}: {error}") from error
+    model.to(device)
+    create_seconds = time.perf_counter() - start
+
+    prediction = predict_parameters(model, loaded, predict_classifier=predict_classifier)
+
+    orth = None
+    start = time.perf_counter()
+    if method == "ghn_orth":
+        generator = torch.Generator().manual_seed(seed)
+        orth = ghn_orth_(
+            model, beta=beta, start_layer=start_layer, generator=generator, variant=variant, model_name=model_name
+        )
+    postprocess_seconds = time.perf_counter() - start
+
+    report = InitReport(
+        model_name=model_name,
+        model_kwargs=kwargs,
+        method=method,
+        beta=float(beta) if orth else None,
+        start_layer=orth.start_layer if orth else None,
+        variant=variant if orth else None,
+        seed=seed,
+        ghn_name=loaded.name,
+        ghn_sha256=loaded.sha256,
+        prediction=prediction,
+        orth=orth,
+        create_seconds=create_seconds,
+        postprocess_seconds=postprocess_seconds,
+    )
+    logger.info("%s", report.summary())
+    return model, report
+
+
+def write_initialization(model: nn.Module, report: InitReport, path: str | os.PathLike) -> Path:
+    """Write the initialized model's state dict to ``path`` (safetensors) with the report's metadata."""
+    path = save_state_dict(model, path, report.metadata())
+    logger.info("wrote %s (%s, ghn sha256 %s...)", path, report.model_name, report.ghn_sha256[:12])
+    return path
