@@ -20,7 +20,7 @@ from timm_ghn.hypernet.checkpoint import LoadedGHN
 from timm_ghn.hypernet.network import GHN2, NodeEmbeddings
 from timm_ghn.graph import Graph, GraphNode, build_graph
 
-__all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters"]
+__all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters", "write_block_"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,70 @@ def normalize_block(p: torch.Tensor, is_weight: bool) -> torch.Tensor:
     return torch.tanh(0.2 * p)
 
 
+def _normalization(target: Sequence[int], is_weight: bool, block: torch.Tensor) -> torch.Tensor:
+    """Apply :func:`normalize_block` for a tensor of shape ``target`` to a block tiled into it.
+
+    The rescaling depends only on the target shape (≥ 2 dims) or is elementwise (1-D), so it
+    commutes with tiling and can run on the small block.
+    """
+    if len(target) >= 2:
+        if len(target) > 2 and target[2] >= 11 and target[0] == 1:
+            return block
+        narrow = len(target) > 2 and (target[1] == 1 or (len(target) > 3 and target[2] < target[3]))
+        beta = 1.0 if narrow else 2.0
+        return block * math.sqrt(beta / math.prod(target[1:]))
+    return normalize_block(block, is_weight)
+
+
+def write_block_(param: torch.Tensor, block: torch.Tensor, is_weight: bool, weight_norm: bool) -> torch.Tensor:
+    """Fit ``block`` to ``param`` as :func:`fit_block` does, rescale it, and copy it in place.
+
+    Equal to ``param.copy_(normalize_block(fit_block(block, param.shape), is_weight))`` but the
+    tiled tensor is never materialised: each tile is written by a broadcasting copy into a strided
+    view of ``param``.
+    """
+    target = tuple(param.shape)
+    w = block
+    if len(target) == 1 and w.dim() >= 2:
+        w = w[(slice(0, target[0]),) + (0,) * (w.dim() - 1)]
+    elif len(target) == 2 and w.dim() == 4:
+        w = w[: target[0], : target[1], 0, 0]
+    elif len(target) == 3 and w.dim() == 4:
+        w = w[: target[0], : target[1], : target[2], 0]
+    if w.dim() != len(target):
+        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    w = w[tuple(slice(0, t) for t in target)]
+    if any(w.shape[d] != target[d] for d in range(2, len(target))):
+        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    if weight_norm:
+        w = _normalization(target, is_weight, w)
+    w = w.to(device=param.device, dtype=param.dtype)
+
+    rows, cols = w.shape[0], (w.shape[1] if w.dim() > 1 else 1)
+    whole_rows = target[0] // rows * rows
+    if w.dim() == 1:
+        param[:whole_rows].unflatten(0, (-1, rows)).copy_(w)
+        param[whole_rows:].copy_(w[: target[0] - whole_rows])
+        return param
+    whole_cols = target[1] // cols * cols
+    row_parts = [(slice(0, whole_rows), w, True), (slice(whole_rows, target[0]), w[: target[0] - whole_rows], False)]
+    for row_slice, row_block, repeated_rows in row_parts:
+        if row_block.shape[0] == 0:
+            continue
+        col_parts = [(slice(0, whole_cols), row_block, True), (slice(whole_cols, target[1]), row_block[:, : target[1] - whole_cols], False)]
+        for col_slice, piece, repeated_cols in col_parts:
+            if piece.shape[1] == 0:
+                continue
+            region = param[row_slice, col_slice]
+            if repeated_cols:
+                region = region.unflatten(1, (-1, cols))
+                piece = piece.unsqueeze(1)
+            if repeated_rows:
+                region = region.unflatten(0, (-1, rows))
+            region.copy_(piece)
+    return param
+
+
 def _classifier_matches(nodes: list[GraphNode], params: dict[str, nn.Parameter], num_classes: int) -> bool:
     for node in nodes:
         if node.last_weight and node.param_name is not None:
@@ -175,16 +239,12 @@ def predict_parameters(
                 if node.bias_name is not None and is_1d:
                     targets.append((node.bias_name, block[1], False))
                 for name, raw, is_weight in targets:
-                    param = params[name]
                     try:
-                        value = fit_block(raw, param.shape)
+                        write_block_(params[name], raw, is_weight, config.weight_norm)
                     except ValueError as error:
                         logger.warning("parameter %s keeps its initialization: %s", name, error)
                         failed.append(name)
                         continue
-                    if config.weight_norm:
-                        value = normalize_block(value, is_weight)
-                    param.copy_(value)
                     predicted.append(name)
     ghn_seconds = time.perf_counter() - start
 
