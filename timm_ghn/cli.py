@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
+from timm_ghn.export import check_output_path
 from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, write_initialization
 
 __all__ = ["build_parser", "main"]
@@ -112,9 +113,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(f"{args.model.replace('/', '_')}-{args.method}.safetensors")
 
     # Fail on an unusable output path before spending time on the prediction.
-    directory = output.expanduser().parent
-    if not directory.is_dir():
-        raise TimmGhnError(f"output directory does not exist: {directory}; create it or choose another -o path")
+    check_output_path(output.expanduser())
 
     start = time.perf_counter()
     model, report = initialize_model(
@@ -146,7 +145,11 @@ def _run_predict(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    level = logging.WARNING
+    if args.verbose == 1:
+        level = logging.INFO
+    elif args.verbose > 1:
+        level = logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "predict":

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class PredictionResult:
-    """What a prediction set, what it left at the model's own initialization, and timings (s)."""
+    """Outcome of a prediction: parameters set, parameters left at the model's own init, timings (s)."""
 
     predicted: list[str]
     unpredicted: list[str]
@@ -234,10 +234,16 @@ def predict_parameters(
             blocks = network.decode(embeddings.final[members], key)
             for block, index in zip(blocks, members):
                 node = graph.nodes[index]
+                # A 1-D key decodes two rows: row 0 for a norm weight, row 1 for a bias.
                 is_1d = len(key) == 2 and key[1] <= 0
-                targets = [(node.param_name, block[0] if is_1d and node.is_weight else block[1] if is_1d else block, node.is_weight)]
-                if node.bias_name is not None and is_1d:
-                    targets.append((node.bias_name, block[1], False))
+                if not is_1d:
+                    targets = [(node.param_name, block, node.is_weight)]
+                elif node.is_weight:
+                    targets = [(node.param_name, block[0], True)]
+                    if node.bias_name is not None:
+                        targets.append((node.bias_name, block[1], False))
+                else:
+                    targets = [(node.param_name, block[1], False)]
                 for name, raw, is_weight in targets:
                     try:
                         write_block_(params[name], raw, is_weight, config.weight_norm)

@@ -64,13 +64,16 @@ class GHN2(nn.Module):
         final = self.ln(after_gnn) if self.config.layernorm else after_gnn
         return NodeEmbeddings(indices, initial, after_gnn, final)
 
-    def decode(self, embeddings: torch.Tensor, key: Sequence[int], classifier_bias: bool = False) -> torch.Tensor:
+    def decode(self, embeddings: torch.Tensor, key: Sequence[int]) -> torch.Tensor:
         """Decode embeddings ``[B, hid]`` of one group with group ``key`` (see :func:`group_key`).
 
-        Returns per node: ``[min(K0,k0), min(K1,k1), kh, kw]`` for 4-D keys, ``[C, min(K1,k1)]``
-        for the classifier weight ``(k0, k1)``, ``[2, max_ch]`` for 1-D keys ``(k0, 0)`` (row 0
-        for norm weights, row 1 for biases), ``[2, C]`` for the classifier bias ``(k0, -1)`` (row
-        1 is used) and ``[2 * max_ch, 1, 1]`` for 3-D keys.
+        Shapes returned per node, by key:
+
+        * 4-D ``(k0, k1, kh, kw)``: ``[min(K0,k0), min(K1,k1), kh, kw]``;
+        * classifier weight ``(k0, k1)``: ``[C, min(K1,k1)]``;
+        * 1-D ``(k0, 0)``: ``[2, max_ch]``, row 0 for norm weights and row 1 for biases;
+        * classifier bias ``(k0, -1)``: ``[2, C]``, of which row 1 is used;
+        * 3-D: ``[2 * max_ch, 1, 1]``.
         """
         key = tuple(int(k) for k in key)
         if len(key) == 4:
