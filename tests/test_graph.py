@@ -128,3 +128,13 @@ def test_group_key_rounding():
     assert group_key((1000, 2048), MAX_SHAPE, last_weight=True) == (64, 64)
     assert group_key((1000,), MAX_SHAPE, last_bias=True) == (64, -1)
     assert group_key((16,), MAX_SHAPE) == (16, 0)
+
+
+def test_graph_of_billion_parameter_model_on_meta():
+    model = _meta_model("vit_giant_patch14_224")
+    graph = build_graph(model)
+
+    assert sum(p.numel() for p in model.parameters()) > 1e9
+    assert all(p.is_meta for p in model.parameters())
+    assert graph.primitive_histogram()["ln"] == 81
+    assert sorted(graph.unplaced) == ["cls_token", "pos_embed"]

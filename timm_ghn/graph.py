@@ -488,6 +488,7 @@ def _parse_kernel_size(text: str | None) -> tuple[int, int, int, int]:
 
 def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
     nodes: list[GraphNode] = []
+    unknown: dict[str, int] = {}
     n = len(entries)
     for v, entry in enumerate(entries):
         if entry.module is not None:
@@ -512,11 +513,14 @@ def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
             operation = _operation_name(entry.name)
             primitive = OPERATION_PRIMITIVES.get(operation)
             if primitive is None:
-                logger.warning("operation %s has no GHN-2 node type; it is encoded as 'sum'", entry.name)
+                unknown[entry.name] = unknown.get(entry.name, 0) + 1
                 primitive = "sum"
             shape = _parse_kernel_size(entry.kernel_size) if "pool" in primitive and primitive != "glob_avg" else None
             node = GraphNode(name=entry.name, primitive=primitive, shape=shape)
         nodes.append(node)
+    if unknown:
+        counts = ", ".join(f"{name} x{count}" for name, count in unknown.items())
+        logger.info("operations without a GHN-2 node type are encoded as 'sum': %s", counts)
     return nodes
 
 
