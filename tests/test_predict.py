@@ -74,3 +74,26 @@ def test_prediction_covers_timm_families(name, imagenet_ghn):
         assert changed == (param_name in result.predicted), param_name
         assert torch.isfinite(param).all(), param_name
     assert result.fraction_predicted > 0.95
+
+
+def test_predict_tensors_is_differentiable(imagenet_ghn):
+    from timm_ghn.hypernet import GHN2
+    from timm_ghn.graph import build_graph
+    from timm_ghn.predict import predict_tensors
+
+    network = GHN2(imagenet_ghn.model.config)
+    network.load_state_dict(imagenet_ghn.model.state_dict())
+    model = timm.create_model("resnet18", num_classes=10)
+    graph = build_graph(model)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    tensors = predict_tensors(network, graph, shapes)
+    output = torch.func.functional_call(model, tensors, (torch.randn(2, 3, 32, 32),), strict=False)
+    output.square().mean().backward()
+
+    reference = timm.create_model("resnet18", num_classes=10)
+    predict_parameters(reference, imagenet_ghn, predict_classifier=True)
+    for name, value in tensors.items():
+        assert torch.equal(value.detach(), dict(reference.named_parameters())[name]), name
+    assert network.decoder.fc[0].weight.grad is not None
+    assert network.embed.weight.grad.abs().sum() > 0

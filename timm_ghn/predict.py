@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from timm_ghn.hypernet.checkpoint import LoadedGHN
 from timm_ghn.hypernet.network import GHN2, NodeEmbeddings
 from timm_ghn.graph import Graph, GraphNode, build_graph
 
-__all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters", "write_block_"]
+__all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters", "predict_tensors", "decoded_blocks", "write_block_"]
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,65 @@ def _classifier_matches(nodes: list[GraphNode], params: dict[str, nn.Parameter],
     return True
 
 
+def decoded_blocks(
+    network: GHN2,
+    graph: Graph,
+    embeddings: torch.Tensor,
+    shapes: Mapping[str, tuple[int, ...]],
+    predict_classifier: bool = True,
+) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """Decode the block of every parameter node, grouped by decoder key.
+
+    Yields ``(parameter name, raw block, is_weight)``; a norm node yields its weight (row 0 of
+    the 1-D decoder) and its bias (row 1). Classifier nodes are skipped unless
+    ``predict_classifier``. Differentiable: no ``no_grad`` and no in-place writes.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, node in enumerate(graph.nodes):
+        if node.param_name is None:
+            continue
+        if (node.last_weight or node.last_bias) and not predict_classifier and _is_classifier_key(node, shapes):
+            continue
+        key = network.group_key(shapes[node.param_name], node.last_weight, node.last_bias)
+        groups.setdefault(key, []).append(index)
+
+    for key, members in groups.items():
+        blocks = network.decode(embeddings[members], key)
+        # A 1-D key decodes two rows: row 0 for a norm weight, row 1 for a bias.
+        is_1d = len(key) == 2 and key[1] <= 0
+        for block, index in zip(blocks, members):
+            node = graph.nodes[index]
+            if not is_1d:
+                yield node.param_name, block, node.is_weight
+            elif node.is_weight:
+                yield node.param_name, block[0], True
+                if node.bias_name is not None:
+                    yield node.bias_name, block[1], False
+            else:
+                yield node.param_name, block[1], False
+
+
+def predict_tensors(
+    network: GHN2,
+    graph: Graph,
+    shapes: Mapping[str, tuple[int, ...]],
+    predict_classifier: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Return the predicted tensor of every placed parameter, keeping the autograd graph.
+
+    For GHN training: pass the result to ``torch.func.functional_call`` so that a loss on the
+    model's output reaches the GHN's weights. ``shapes`` maps parameter names to shapes.
+    """
+    embeddings = network.embed_nodes(graph).final
+    tensors: dict[str, torch.Tensor] = {}
+    for name, raw, is_weight in decoded_blocks(network, graph, embeddings, shapes, predict_classifier):
+        value = fit_block(raw, shapes[name])
+        if network.config.weight_norm:
+            value = normalize_block(value, is_weight)
+        tensors[name] = value
+    return tensors
+
+
 def predict_parameters(
     model: nn.Module,
     ghn: GHN2 | LoadedGHN,
@@ -221,37 +280,15 @@ def predict_parameters(
     failed: list[str] = []
     with torch.no_grad():
         embeddings = network.embed_nodes(graph)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, node in enumerate(graph.nodes):
-            if node.param_name is None:
+        shapes = {name: tuple(param.shape) for name, param in params.items()}
+        for name, raw, is_weight in decoded_blocks(network, graph, embeddings.final, shapes, predict_classifier):
+            try:
+                write_block_(params[name], raw, is_weight, config.weight_norm)
+            except ValueError as error:
+                logger.warning("parameter %s keeps its initialization: %s", name, error)
+                failed.append(name)
                 continue
-            if (node.last_weight or node.last_bias) and not predict_classifier and _is_classifier_key(node, params):
-                continue
-            key = network.group_key(params[node.param_name].shape, node.last_weight, node.last_bias)
-            groups.setdefault(key, []).append(index)
-
-        for key, members in groups.items():
-            blocks = network.decode(embeddings.final[members], key)
-            for block, index in zip(blocks, members):
-                node = graph.nodes[index]
-                # A 1-D key decodes two rows: row 0 for a norm weight, row 1 for a bias.
-                is_1d = len(key) == 2 and key[1] <= 0
-                if not is_1d:
-                    targets = [(node.param_name, block, node.is_weight)]
-                elif node.is_weight:
-                    targets = [(node.param_name, block[0], True)]
-                    if node.bias_name is not None:
-                        targets.append((node.bias_name, block[1], False))
-                else:
-                    targets = [(node.param_name, block[1], False)]
-                for name, raw, is_weight in targets:
-                    try:
-                        write_block_(params[name], raw, is_weight, config.weight_norm)
-                    except ValueError as error:
-                        logger.warning("parameter %s keeps its initialization: %s", name, error)
-                        failed.append(name)
-                        continue
-                    predicted.append(name)
+            predicted.append(name)
     ghn_seconds = time.perf_counter() - start
 
     predicted_set = set(predicted)
@@ -278,7 +315,7 @@ def predict_parameters(
     return result
 
 
-def _is_classifier_key(node: GraphNode, params: dict[str, nn.Parameter]) -> bool:
+def _is_classifier_key(node: GraphNode, shapes: Mapping[str, tuple[int, ...]]) -> bool:
     """True for the classifier weight (2-D, flagged last weight) and classifier bias (1-D, last)."""
-    shape = params[node.param_name].shape
+    shape = shapes[node.param_name]
     return (node.last_weight and len(shape) >= 2) or (node.last_bias and len(shape) == 1)
