@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 from timm_ghn.errors import CheckpointError
 
-__all__ = ["GHNConfig"]
+__all__ = ["GHNConfig", "GHN3Config", "infer_ghn3_config"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,3 +78,59 @@ class GHNConfig:
         values = dataclasses.asdict(self)
         values["max_shape"] = list(self.max_shape)
         return values
+
+
+@dataclasses.dataclass(frozen=True)
+class GHN3Config(GHNConfig):
+    """Configuration of a GHN-3 (Graphormer message passing), ``ghn3`` project.
+
+    Released files store no config; :func:`infer_ghn3_config` derives it from tensor shapes.
+
+    Attributes:
+        layers: Graphormer layers ``L``.
+        heads: attention heads ``H``; ``hid`` must be divisible by it.
+    """
+
+    max_shape: tuple[int, int, int, int] = (64, 64, 16, 16)
+    hid: int = 64
+    layers: int = 3
+    heads: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.layers < 1 or self.heads < 1 or self.hid % self.heads != 0:
+            raise CheckpointError(
+                f"invalid GHN-3 config: need layers >= 1 and hid divisible by heads, got "
+                f"layers={self.layers}, hid={self.hid}, heads={self.heads}"
+            )
+
+
+def infer_ghn3_config(shapes: Mapping[str, tuple[int, ...]]) -> GHN3Config:
+    """Derive a GHN-3 config from the tensor shapes of a released (config-less) state dict.
+
+    Rules of the original loader: ``hid`` is the width of ``embed.weight``; ``layers`` counts the
+    ``gnn.*.ln1.weight`` keys; ``heads`` is 16 if ``hid > 64`` else 8; ``max_shape`` is
+    ``(m, m, S, S)`` with ``m = sqrt(rows of decoder.conv.2.weight)`` and ``S = 11`` if the spatial
+    table has 9 rows, else 16; ``num_classes`` is the rows of the class predictor; ``layernorm``
+    is the presence of ``ln.weight``; ``weight_norm`` and ``ve`` are always on.
+    """
+    required = ["embed.weight", "decoder.conv.2.weight", "shape_enc.embed_spatial.weight"]
+    missing = [key for key in required if key not in shapes]
+    if missing:
+        raise CheckpointError(f"not a GHN-3 state dict: missing tensors {missing}")
+    hid = int(shapes["embed.weight"][-1])
+    layers = sum(1 for key in shapes if key.startswith("gnn.") and key.endswith("ln1.weight"))
+    side = math.isqrt(int(shapes["decoder.conv.2.weight"][0]))
+    spatial = 11 if int(shapes["shape_enc.embed_spatial.weight"][0]) == 9 else 16
+    classifier = [key for key in shapes if "class_layer_predictor" in key]
+    num_classes = int(shapes[classifier[0]][0]) if classifier else 10
+    return GHN3Config(
+        max_shape=(side, side, spatial, spatial),
+        num_classes=num_classes,
+        weight_norm=True,
+        ve=True,
+        layernorm="ln.weight" in shapes,
+        hid=hid,
+        layers=layers,
+        heads=16 if hid > 64 else 8,
+    )

@@ -8,13 +8,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from timm_ghn.hypernet.config import GHNConfig
-from timm_ghn.hypernet.decoder import ConvDecoder, make_decoder_1d
+from timm_ghn.hypernet.config import GHN3Config, GHNConfig
+from timm_ghn.hypernet.decoder import ConvDecoder, ConvDecoder3, make_decoder_1d
 from timm_ghn.hypernet.gatedgnn import MLP, GatedGNN
+from timm_ghn.hypernet.graphormer import Graphormer
 from timm_ghn.hypernet.shape_encoder import ShapeEncoder
 from timm_ghn.graph import PRIMITIVES, Graph, group_key
 
-__all__ = ["GHN2", "NodeEmbeddings"]
+__all__ = ["GHN2", "GHN3", "NodeEmbeddings"]
 
 
 @dataclasses.dataclass
@@ -43,13 +44,18 @@ class GHN2(nn.Module):
             self.ln = nn.LayerNorm(hid)
         self.embed = nn.Embedding(len(PRIMITIVES), hid)
         self.shape_enc = ShapeEncoder(hid, config.num_classes, config.max_shape[2])
-        if config.hypernet == "gatedgnn":
-            self.gnn = GatedGNN(hid, config.ve)
-        else:
-            self.gnn = MLP(hid, hid, hid)
-        self.decoder = ConvDecoder(hid, config.max_shape, config.num_classes)
+        self.gnn = self._make_message_passing(config)
+        self.decoder = self._make_decoder(config)
         self.decoder_1d = make_decoder_1d(hid, config.max_channels)
         self.bias_class = nn.Sequential(nn.ReLU(), nn.Linear(config.max_channels, config.num_classes))
+
+    def _make_message_passing(self, config: GHNConfig) -> nn.Module:
+        if config.hypernet == "gatedgnn":
+            return GatedGNN(config.hid, config.ve)
+        return MLP(config.hid, config.hid, config.hid)
+
+    def _make_decoder(self, config: GHNConfig) -> nn.Module:
+        return ConvDecoder(config.hid, config.max_shape, config.num_classes)
 
     def embed_nodes(self, graph: Graph) -> NodeEmbeddings:
         """Compute the node embeddings that the decoders read."""
@@ -57,7 +63,7 @@ class GHN2(nn.Module):
         indices = self.shape_enc.indices([node.shape for node in graph.nodes]).to(device)
         types = graph.node_types.to(device)
         initial = self.embed(types) + self.shape_enc(indices)
-        if isinstance(self.gnn, GatedGNN):
+        if isinstance(self.gnn, (GatedGNN, Graphormer)):
             after_gnn = self.gnn(initial, graph.adjacency)
         else:
             after_gnn = self.gnn(initial)
@@ -90,3 +96,21 @@ class GHN2(nn.Module):
 
     def group_key(self, shape: Sequence[int], last_weight: bool = False, last_bias: bool = False) -> tuple[int, ...]:
         return group_key(shape, self.config.max_shape, last_weight, last_bias)
+
+
+class GHN3(GHN2):
+    """GHN-3 (``ghn3`` project): GHN-2's embeddings and decoders with Graphormer message passing.
+
+    Differences from GHN-2: the node states pass through ``layers`` Graphormer layers
+    (:mod:`timm_ghn.hypernet.graphormer`) and the decoder is :class:`ConvDecoder3` (linear
+    layers, centred crop, bilinear resizing). Module names equal the original ``GHN3``.
+    """
+
+    config: GHN3Config
+
+    def _make_message_passing(self, config: GHNConfig) -> nn.Module:
+        assert isinstance(config, GHN3Config)
+        return Graphormer(config.hid, config.layers, config.heads)
+
+    def _make_decoder(self, config: GHNConfig) -> nn.Module:
+        return ConvDecoder3(config.hid, config.max_shape, config.num_classes)
