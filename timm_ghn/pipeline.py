@@ -25,6 +25,7 @@ import timm_ghn
 from timm_ghn.errors import InvalidOptionError, TimmGhnError, UnknownModelError
 from timm_ghn.export import METADATA_PREFIX, encode_json, save_state_dict
 from timm_ghn.hypernet.checkpoint import LoadedGHN, load_ghn
+from timm_ghn.registry import download_named_ghn, is_named_ghn
 from timm_ghn.postprocess import OrthReport, ghn_orth_
 from timm_ghn.predict import PredictionResult, predict_parameters
 
@@ -102,7 +103,8 @@ def check_model_name(model_name: str) -> None:
 
 
 def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.device = "cpu") -> LoadedGHN:
-    """Return a loaded GHN from a path, an already loaded GHN, or ``$TIMM_GHN_CHECKPOINT``."""
+    """Return a loaded GHN from a path, a released GHN's name (see :mod:`timm_ghn.registry`), an
+    already loaded GHN, or ``$TIMM_GHN_CHECKPOINT``."""
     if isinstance(ghn, LoadedGHN):
         ghn.model.to(device)
         return ghn
@@ -113,6 +115,8 @@ def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.d
             raise TimmGhnError(
                 f"no GHN checkpoint given: pass --ghn PATH (Python: ghn=PATH) or set {GHN_ENV}"
             )
+    if isinstance(ghn, str) and is_named_ghn(ghn) and not Path(ghn).exists():
+        ghn = download_named_ghn(ghn)
     return load_ghn(ghn, device=device)
 
 
