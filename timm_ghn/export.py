@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -21,16 +22,28 @@ from torch import nn
 
 from timm_ghn.errors import OutputPathError
 
-__all__ = ["METADATA_PREFIX", "read_metadata", "save_state_dict"]
+__all__ = ["METADATA_PREFIX", "check_output_path", "read_metadata", "save_state_dict"]
 
 METADATA_PREFIX = "timm_ghn."
 
 
-def _check_writable_directory(directory: Path) -> None:
+def check_output_path(path: Path) -> Path:
+    """Return the directory of ``path`` after checking that a file can be written there.
+
+    Raises:
+        OutputPathError: the directory is missing, is not a directory or is not writable, or
+            ``path`` is itself a directory.
+    """
+    directory = path.parent if str(path.parent) else Path(".")
+    if directory.exists() and not directory.is_dir():
+        raise OutputPathError(f"cannot write {path}: {directory} is not a directory; choose another -o path")
     if not directory.is_dir():
         raise OutputPathError(f"output directory does not exist: {directory}; create it or choose another -o path")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise OutputPathError(f"output directory is not writable: {directory}; choose another -o path")
+    if path.is_dir():
+        raise OutputPathError(f"output path is a directory: {path}; give a file name such as {path / 'init.safetensors'}")
+    return directory
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
@@ -41,13 +54,10 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike, metadata: Mapping
     interrupted write never leaves a partial file at ``path``.
 
     Raises:
-        OutputPathError: the directory is missing or not writable.
+        OutputPathError: see :func:`check_output_path`, or the write failed.
     """
     path = Path(path).expanduser()
-    directory = path.parent if str(path.parent) else Path(".")
-    _check_writable_directory(directory)
-    if path.is_dir():
-        raise OutputPathError(f"output path is a directory: {path}; give a file name such as {path / 'init.safetensors'}")
+    directory = check_output_path(path)
 
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -58,6 +68,7 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike, metadata: Mapping
     os.close(handle)
     try:
         save_file(tensors, temporary, metadata=header)
+        _sort_header_metadata(temporary)
         os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     except OSError as error:
@@ -66,6 +77,29 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike, metadata: Mapping
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def _sort_header_metadata(path: str) -> None:
+    """Rewrite a safetensors header in place with its metadata keys in sorted order.
+
+    safetensors 0.8 writes the metadata from a Rust hash map, so the key order, and with it the
+    file's bytes, differ between processes. The header is compact JSON padded with spaces to a
+    multiple of 8 bytes, and the sorted JSON has the same length, so it overwrites the old one.
+    """
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        metadata = header.pop("__metadata__", None)
+        if metadata is None:
+            return
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        if len(text) > length:
+            # NOTE: only reachable if Python's JSON escaping is longer than serde_json's. The file
+            # is then left valid, but with the metadata in hash-map order.
+            return
+        handle.seek(8)
+        handle.write(text.ljust(length, b" "))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
