@@ -40,7 +40,9 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 from torch import nn
 
+from timm_ghn import ghn3_graph
 from timm_ghn.errors import TimmGhnError
+from timm_ghn.ghn3_graph import GHN3_OPERATIONS
 
 __all__ = [
     "PRIMITIVES",
@@ -105,6 +107,10 @@ def _parameter_primitive(module: nn.Module, name: str) -> str | None:
         return "bn"
     if isinstance(module, nn.LayerNorm):
         return "ln"
+    if isinstance(module, nn.MultiheadAttention):
+        return "bias" if "bias" in name else "conv"
+    if isinstance(module, nn.Embedding):
+        return "pos_enc"
     return None
 
 
@@ -283,13 +289,15 @@ def _trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[t
     return outputs, {"param_names": param_names, "owners": owners, "tensors": list(meta_by_param.values())}
 
 
-def _collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict):
+def _collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict, keep_all: bool = False):
     """Walk the autograd graph depth-first from the outputs and return the entries and edges.
 
     Entries are registered in discovery order (output side first); an operation with parameters of
     supported layers registers those parameters, an operation without registers itself. Edges go
     from a producer's last entry to a consumer's first entry, except that an entry named like a
-    bias is placed after the consumer's first entry (``weight -> bias``).
+    bias is placed after the consumer's first entry (``weight -> bias``). With ``keep_all`` (the
+    GHN-3 builder) parameters of unsupported layers and norm biases become entries too; the GHN-3
+    filter removes them later.
     """
     entries: dict[object, _Entry] = {}
     memo: dict[object, tuple[object | None, str]] = {}
@@ -309,11 +317,12 @@ def _collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dic
                     continue
                 module_name, module = owners[name]
                 local = name.rsplit(".", 1)[-1]
-                if _parameter_primitive(module, name) is None or child.variable.dim() > 4:
-                    skipped.add(name)
-                    continue
-                if isinstance(module, _NORM_TYPES) and local == "bias":
-                    continue
+                if not keep_all:
+                    if _parameter_primitive(module, name) is None or child.variable.dim() > 4:
+                        skipped.add(name)
+                        continue
+                    if isinstance(module, _NORM_TYPES) and local == "bias":
+                        continue
                 leaves.append((child, _Entry(name, module, module_name, tuple(child.variable.shape))))
             if not leaves:
                 entry = _Entry(label, None, None)
@@ -486,7 +495,7 @@ def _parse_kernel_size(text: str | None) -> tuple[int, int, int, int]:
     return (1, 1, *sizes[:2])
 
 
-def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
+def _make_nodes(entries: list[_Entry], style: str = "ghn2") -> list[GraphNode]:
     nodes: list[GraphNode] = []
     unknown: dict[str, int] = {}
     n = len(entries)
@@ -506,12 +515,13 @@ def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
                 module_name=entry.module_name,
                 bias_name=bias_name,
                 is_weight=is_weight,
-                last_weight=v == n - 2,
-                last_bias=v == n - 1,
+                last_weight=v == n - 2 and (style == "ghn2" or ".weight" in "." + entry.name),
+                last_bias=v == n - 1 and (style == "ghn2" or ".bias" in "." + entry.name),
             )
         else:
             operation = _operation_name(entry.name)
-            primitive = OPERATION_PRIMITIVES.get(operation)
+            operations = OPERATION_PRIMITIVES if style == "ghn2" else GHN3_OPERATIONS
+            primitive = operations.get(operation)
             if primitive is None:
                 unknown[entry.name] = unknown.get(entry.name, 0) + 1
                 primitive = "sum"
@@ -524,10 +534,48 @@ def _make_nodes(entries: list[_Entry]) -> list[GraphNode]:
     return nodes
 
 
+def _sorted(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+    np.fill_diagonal(adjacency, 0)
+    order = _topological_order(adjacency)
+    return [entries[i] for i in order], adjacency[np.ix_(order, order)]
+
+
+def _rewrite_ghn2(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+    """GHN-2 order: linear fix, input node, topological sort, filtering."""
+    _fix_linear_layers(entries, adjacency)
+    entries, adjacency = _prune_dangling_operations(entries, adjacency)
+
+    sources = np.flatnonzero(adjacency.sum(axis=0) == 0)
+    if len(sources) > 1:
+        logger.debug("graph has %d source nodes; the input node feeds all of them", len(sources))
+    entries.append(_Entry("input", None, None))
+    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
+    adjacency[-1, sources] = 1
+
+    entries, adjacency = _sorted(entries, adjacency)
+    return _filter_operations(entries, adjacency)
+
+
+def _rewrite_ghn3(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+    """GHN-3 order: filter, weight-edge fix, softmax fix, second filter, input node, sort."""
+    patterns = ["Mul", *ghn3_graph.unsupported_patterns(entries), "Mean", "Add", "Cat"]
+    entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, patterns)
+    entries, adjacency = ghn3_graph.fix_weight_edges(entries, adjacency)
+    adjacency = ghn3_graph.fix_softmax_edges(entries, adjacency)
+    entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, ["Add", "Cat"])
+
+    sources = [i for i in np.flatnonzero(adjacency.sum(axis=0) == 0) if "weight" in entries[i].name]
+    entries.append(_Entry("input", None, None))
+    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
+    adjacency[-1, sources] = 1
+    return _sorted(entries, adjacency)
+
+
 def build_graph(
     model: nn.Module,
     input_size: Iterable[int] | None = None,
     ve_cutoff: int = VIRTUAL_EDGE_CUTOFF,
+    style: str = "ghn2",
 ) -> Graph:
     """Trace ``model`` on the meta device and build its GHN graph.
 
@@ -536,6 +584,8 @@ def build_graph(
         input_size: per-sample input shape, default from :func:`default_input_size`.
         ve_cutoff: longest shortest-path length stored as a virtual edge (50 for GHN-2 and
             GHN-3, 1 for GHN-1, which has no virtual edges).
+        style: ``ghn2`` (the GHN-2 builder's rules, with the extensions above) or ``ghn3`` (the
+            GHN-3 builder's rules, :mod:`timm_ghn.ghn3_graph`), matching the GHN that reads it.
 
     Returns:
         The graph, with the names of parameters it could not place in ``Graph.unplaced``.
@@ -551,7 +601,11 @@ def build_graph(
             f"{type(error).__name__}: {error}"
         ) from error
 
-    entries_by_key, edge_keys, skipped = _collect_entries(outputs, names["param_names"], names["owners"])
+    if style not in ("ghn2", "ghn3"):
+        raise ValueError(f"invalid graph style {style!r}: expected 'ghn2' or 'ghn3'")
+    entries_by_key, edge_keys, skipped = _collect_entries(
+        outputs, names["param_names"], names["owners"], keep_all=style == "ghn3"
+    )
     keys = list(entries_by_key)
     index_of = {id(key): i for i, key in enumerate(keys)}
     entries = [entries_by_key[key] for key in keys]
@@ -559,24 +613,12 @@ def build_graph(
     for source, target in edge_keys:
         adjacency[index_of[id(source)], index_of[id(target)]] = 1
 
-    _fix_linear_layers(entries, adjacency)
-    entries, adjacency = _prune_dangling_operations(entries, adjacency)
-
-    sources = np.flatnonzero(adjacency.sum(axis=0) == 0)
-    if len(sources) > 1:
-        logger.debug("graph has %d source nodes; the input node feeds all of them", len(sources))
-    entries.append(_Entry("input", None, None))
-    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
-    adjacency[-1, sources] = 1
-
-    np.fill_diagonal(adjacency, 0)
-    order = _topological_order(adjacency)
-    entries = [entries[i] for i in order]
-    adjacency = adjacency[np.ix_(order, order)]
-
-    entries, adjacency = _filter_operations(entries, adjacency)
+    if style == "ghn2":
+        entries, adjacency = _rewrite_ghn2(entries, adjacency)
+    else:
+        entries, adjacency = _rewrite_ghn3(entries, adjacency)
     adjacency = _add_virtual_edges(adjacency, ve_cutoff)
-    nodes = _make_nodes(entries)
+    nodes = _make_nodes(entries, style)
 
     graph = Graph(nodes=nodes, adjacency=adjacency, unplaced=[], input_size=size, ve_cutoff=ve_cutoff)
     placed = set(graph.placed)

@@ -269,7 +269,7 @@ def predict_parameters(
 
     start = time.perf_counter()
     if graph is None:
-        graph = build_graph(model, ve_cutoff=config.ve_cutoff)
+        graph = build_graph(model, ve_cutoff=config.ve_cutoff, style=config.graph_style)
     graph_seconds = time.perf_counter() - start
 
     if predict_classifier is None:

@@ -52,6 +52,11 @@ class GHNConfig:
         return max(self.max_shape[0], self.max_shape[1])
 
     @property
+    def graph_style(self) -> str:
+        """Rules of the graph builder this GHN was trained with (see :func:`timm_ghn.graph.build_graph`)."""
+        return "ghn2"
+
+    @property
     def ve_cutoff(self) -> int:
         """Longest shortest-path distance stored as a virtual edge."""
         return 50 if self.ve else 1
@@ -95,6 +100,10 @@ class GHN3Config(GHNConfig):
     hid: int = 64
     layers: int = 3
     heads: int = 8
+
+    @property
+    def graph_style(self) -> str:
+        return "ghn3"
 
     def __post_init__(self) -> None:
         super().__post_init__()
