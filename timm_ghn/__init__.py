@@ -4,6 +4,7 @@ Three ways in:
 
 * ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=timm_ghn.ghn_orth(name, ghn=PATH))``;
 * ``timm-ghn predict NAME --ghn PATH -o init.safetensors`` and timm's ``--initial-checkpoint``;
+* ``timm_ghn.hub_overlay(name, hub_repo=REPO, ...)`` for plain timm, from an entry on the Hub;
 * :func:`initialize_model`, :func:`predict_parameters` and :func:`ghn_orth_` in Python.
 """
 
@@ -15,7 +16,8 @@ from timm_ghn.hypernet import GHN2, GHNConfig, LoadedGHN, load_ghn, save_ghn
 from timm_ghn.pipeline import InitReport, initialize_model, write_initialization
 from timm_ghn.postprocess import add_correlated_noise_, ghn_orth_, orthogonalize_
 from timm_ghn.predict import PredictionResult, predict_parameters
-from timm_ghn.timm_plugin import ghn, ghn_orth, pretrained_cfg_overlay
+from timm_ghn.resolve import resolve_initialization
+from timm_ghn.timm_plugin import ghn, ghn_orth, hub_overlay, pretrained_cfg_overlay
 
 __all__ = [
     "CheckpointError",
@@ -34,11 +36,13 @@ __all__ = [
     "ghn",
     "ghn_orth",
     "ghn_orth_",
+    "hub_overlay",
     "initialize_model",
     "load_ghn",
     "orthogonalize_",
     "predict_parameters",
     "pretrained_cfg_overlay",
+    "resolve_initialization",
     "save_ghn",
     "write_initialization",
 ]

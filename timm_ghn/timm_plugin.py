@@ -8,35 +8,35 @@ Example::
         pretrained_cfg_overlay=timm_ghn.ghn_orth("resnet50", ghn="ghn2_imagenet.pt"),
     )
 
-The overlay points timm's ``file`` source at a safetensors file predicted for the same model
-arguments. Pass the same ``num_classes`` (and other constructor arguments) to both calls: the
+The overlay points timm's ``file`` source at a safetensors file for the same model arguments,
+taken from the local cache, else from the Hub repo(s) in ``hub_repo`` or ``$TIMM_GHN_HUB_REPO``,
+else predicted and stored in the cache (see :mod:`timm_ghn.resolve`). Pass the same ``num_classes`` (and other constructor arguments) to both calls: the
 overlay records the file's class count, so timm loads the head strictly instead of discarding it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from huggingface_hub import constants as hf_constants
+from timm_ghn.cache import CACHE_ENV, default_cache_dir, make_request
+from timm_ghn.hub import hub_overlay as _hub_overlay
+from timm_ghn.hub import hub_repos
+from timm_ghn.errors import TimmGhnError
+from timm_ghn.pipeline import initialize_model, write_initialization
+from timm_ghn.resolve import resolve_initialization
 
-from timm_ghn.export import encode_json
-from timm_ghn.pipeline import initialize_model, resolve_ghn, write_initialization
-
-__all__ = ["CACHE_ENV", "default_cache_dir", "ghn", "ghn_orth", "pretrained_cfg_overlay"]
-
-#: Environment variable that overrides the directory of predicted files.
-CACHE_ENV = "TIMM_GHN_CACHE"
+__all__ = ["CACHE_ENV", "default_cache_dir", "ghn", "ghn_orth", "hub_overlay", "pretrained_cfg_overlay"]
 
 
-def default_cache_dir() -> Path:
-    """``$TIMM_GHN_CACHE``, else ``$HF_HOME/timm_ghn`` (``~/.cache/huggingface/timm_ghn`` by default)."""
-    override = os.environ.get(CACHE_ENV)
-    if override:
-        return Path(override).expanduser()
-    return Path(hf_constants.HF_HOME).expanduser() / "timm_ghn"
+def _file_overlay(path: os.PathLike | str, num_classes: int) -> dict[str, Any]:
+    return {
+        "file": str(path),
+        "source": "timm_ghn",
+        "num_classes": int(num_classes),
+        "custom_load": False,
+        "label_offset": 0,
+    }
 
 
 def pretrained_cfg_overlay(
@@ -47,9 +47,12 @@ def pretrained_cfg_overlay(
     num_classes: int | None = None,
     model_kwargs: dict[str, Any] | None = None,
     output: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    hub_repo: str | Sequence[str] | None = None,
+    push_to_hub: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
-    """Predict an initialization of ``model_name``, write it, and return the timm overlay dict.
+    """Return the timm overlay dict of an initialization of ``model_name``, resolving it first.
 
     Args:
         model_name: timm model name.
@@ -57,8 +60,11 @@ def pretrained_cfg_overlay(
         ghn: GHN checkpoint path or loaded GHN (default ``$TIMM_GHN_CHECKPOINT``).
         num_classes: classes of the model; pass the same value to ``timm.create_model``.
         model_kwargs: other ``timm.create_model`` arguments, to pass there too.
-        output: file to write; default a file named by a digest of the inputs in
-            :func:`default_cache_dir`.
+        output: also write the file here, and point the overlay at it.
+        use_cache: ``False`` predicts without reading or writing the cache or the Hub; the file
+            is then written to ``output`` (required).
+        hub_repo: Hub repo id(s) to look the entry up in (default ``$TIMM_GHN_HUB_REPO``).
+        push_to_hub: upload the entry to this Hub repo.
         options: ``beta``, ``start_layer``, ``variant``, ``seed``, ``device``,
             ``predict_classifier`` of :func:`timm_ghn.initialize_model`.
 
@@ -68,27 +74,53 @@ def pretrained_cfg_overlay(
     kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    loaded = resolve_ghn(ghn, options.get("device", "cpu"))
-    model, report = initialize_model(model_name, method=method, ghn=loaded, model_kwargs=kwargs, **options)
 
-    if output is None:
-        # NOTE: the file is predicted again on every call; nothing here reuses an earlier file.
-        digest = hashlib.sha256(encode_json(report.metadata() | {"options": repr(sorted(options.items()))}).encode()).hexdigest()
-        directory = default_cache_dir()
-        directory.mkdir(parents=True, exist_ok=True)
-        output = directory / f"{model_name.replace('/', '_')}-{method}-{digest[:16]}.safetensors"
-    path = write_initialization(model, report, output)
+    if not use_cache:
+        if output is None:
+            raise TimmGhnError("use_cache=False needs an output path: pass output=PATH")
+        model, report = initialize_model(model_name, method=method, ghn=ghn, model_kwargs=kwargs, **options)
+        path = write_initialization(model, report, output)
+        classes = getattr(model, "num_classes", None)
+        return _file_overlay(path, classes if isinstance(classes, int) else kwargs.get("num_classes", 1000))
 
-    classes = getattr(model, "num_classes", None)
-    if classes is None:
-        classes = kwargs.get("num_classes", 1000)
-    return {
-        "file": str(path),
-        "source": "timm_ghn",
-        "num_classes": int(classes),
-        "custom_load": False,
-        "label_offset": 0,
-    }
+    resolved = resolve_initialization(
+        model_name, method=method, ghn=ghn, model_kwargs=kwargs, hub_repo=hub_repo,
+        push_to_hub=push_to_hub, output=output, **options,
+    )
+    path = output if output is not None else resolved.path
+    return _file_overlay(path, resolved.request.architecture.num_classes)
+
+
+def hub_overlay(
+    model_name: str,
+    method: str = "ghn_orth",
+    *,
+    hub_repo: str | None = None,
+    ghn: Any = None,
+    num_classes: int | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Return the overlay that loads an entry from a Hub repo with plain timm (no timm_ghn needed).
+
+    The entry must already be on the Hub (``timm-ghn predict ... --push-to-hub REPO``); this only
+    computes its key and checks that the file exists. The result holds ``hf_hub_id``,
+    ``hf_hub_filename`` and ``num_classes``, and contains nothing local, so it can be copied
+    into code that runs without timm_ghn.
+
+    Args:
+        hub_repo: the repo id (default the first of ``$TIMM_GHN_HUB_REPO``).
+        options: ``beta``, ``start_layer``, ``variant``, ``seed``, ``predict_classifier``.
+    """
+    repos = hub_repos(hub_repo)
+    if not repos:
+        raise TimmGhnError("no Hub repo given: pass hub_repo='user/repo' or set TIMM_GHN_HUB_REPO")
+    kwargs = dict(model_kwargs or {})
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    options.pop("device", None)
+    request, _ = make_request(model_name, method=method, ghn=ghn, model_kwargs=kwargs, **options)
+    return _hub_overlay(request, repos[0])
 
 
 def ghn(model_name: str, **kwargs: Any) -> dict[str, Any]:
