@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from timm_ghn.cache_cli import add_predict_options, predict_with_cache, register_commands
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import check_output_path
 from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, write_initialization
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep timm's init of the head (default when its classes differ from the GHN's)",
     )
     predict.add_argument("-o", "--output", default=None, metavar="FILE", help="output file (default: MODEL-METHOD.safetensors in the current directory)")
+    add_predict_options(predict)
+    register_commands(commands, predict)
     return parser
 
 
@@ -114,6 +117,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     # Fail on an unusable output path before spending time on the prediction.
     check_output_path(output.expanduser())
+    if not args.no_cache:
+        return predict_with_cache(args, kwargs, device, output)
 
     start = time.perf_counter()
     model, report = initialize_model(
@@ -154,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "predict":
             return _run_predict(args)
+        if hasattr(args, "handler"):
+            return args.handler(args)
     except TimmGhnError as error:
         print(f"timm-ghn: error: {error}", file=sys.stderr)
         return 1
