@@ -15,8 +15,9 @@ globals and implements each of them itself:
 * ``torch.<Type>Storage`` inside the nested stream, for the storage dtypes below.
 
 Any other global raises :class:`~timm_ghn.errors.CheckpointError` naming it; nothing is imported
-or called. The file is memory-mapped copy-on-write and tensors alias the mapping, so loading holds
-one copy of the weights (pages are read on first use).
+or called. The file is memory-mapped copy-on-write and tensors alias the mapping where their data is aligned
+(pages are read on first use). Misaligned tensors are copied and their mapped pages released, so
+loading holds about one copy of the weights.
 """
 
 from __future__ import annotations
@@ -63,14 +64,19 @@ class _MappedReader(io.RawIOBase):
 
     def __init__(self, mapping: mmap.mmap) -> None:
         super().__init__()
+        self.mapping = mapping
         self._view = memoryview(mapping)
         self._position = 0
+        self.offsets: dict[int, int] = {}
 
     def read(self, size: int = -1):  # type: ignore[override]
         end = len(self._view) if size is None or size < 0 else min(len(self._view), self._position + size)
         chunk = self._view[self._position : end]
-        self._position = end
-        return chunk if len(chunk) >= _ZERO_COPY_BYTES else chunk.tobytes()
+        start, self._position = self._position, end
+        if len(chunk) < _ZERO_COPY_BYTES:
+            return chunk.tobytes()
+        self.offsets[id(chunk)] = start
+        return chunk
 
     def readline(self, size: int = -1) -> bytes:  # type: ignore[override]
         start = self._position
@@ -125,8 +131,13 @@ class _NestedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         return _StorageRecord(pid[1], str(pid[2]), int(pid[4]))
 
 
-def _load_storage(blob, where: str) -> torch.Tensor:
-    """Parse one nested legacy ``torch.save`` stream of a single storage into a 1-D tensor."""
+def _load_storage(blob, where: str, reader: _MappedReader | None = None) -> torch.Tensor:
+    """Parse one nested legacy ``torch.save`` stream of a single storage into a 1-D tensor.
+
+    The tensor aliases ``blob`` when its data is aligned to the element size. Otherwise it is
+    copied, and when ``blob`` is a view of ``reader``'s memory map the mapped pages of that range
+    are released, so the file's data is held once either way.
+    """
     view = memoryview(blob)
     header_size = min(len(view), 4096)
     while True:
@@ -157,9 +168,40 @@ def _load_storage(blob, where: str) -> torch.Tensor:
     if count == 0:
         return torch.empty(0, dtype=record.dtype)
     with warnings.catch_warnings():
-        # The buffer is a read-only view of a copy-on-write mapping; writes never reach the file.
+        # A small blob is a read-only bytes copy; a large one a view of a copy-on-write mapping.
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(view, dtype=record.dtype, count=count, offset=offset)
+        tensor = torch.frombuffer(view, dtype=record.dtype, count=count, offset=offset)
+    if tensor.data_ptr() % itemsize == 0:
+        return tensor
+    base = reader.offsets.get(id(blob)) if reader is not None else None
+    return _copy_releasing_pages(tensor, reader.mapping if base is not None else None, (base or 0) + offset)
+
+
+def _copy_releasing_pages(source: torch.Tensor, mapping: mmap.mmap | None, file_offset: int) -> torch.Tensor:
+    """Copy ``source`` (a view of ``mapping`` at ``file_offset``) in 64 MiB chunks, releasing the
+    mapped pages of each chunk once it is copied, so the data is never held twice."""
+    copy = torch.empty_like(source)
+    itemsize = source.element_size()
+    step = max(1, (64 << 20) // itemsize)
+    for start in range(0, source.numel(), step):
+        stop = min(source.numel(), start + step)
+        copy[start:stop] = source[start:stop]
+        if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            # Whole pages only; a page shared with a neighbour is re-read from the file when used.
+            first = -(-(file_offset + start * itemsize) // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = (file_offset + stop * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return copy
+    tensor = tensor.clone()
+    base = reader.offsets.get(id(blob)) if reader is not None else None
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        # Drop the copied range's pages (whole pages only); neighbours re-read them from the file.
+        first = -(-(base + offset) // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = (base + offset + count * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first:
+            reader.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
+    return tensor
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None):
@@ -175,9 +217,10 @@ def _rebuild_parameter(data: torch.Tensor, requires_grad=False, hooks=None):
 class _OuterUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """Unpickler of the joblib stream with its allowlist of globals."""
 
-    def __init__(self, file, where: str) -> None:
+    def __init__(self, file: _MappedReader, where: str) -> None:
         super().__init__(file)
         self._where = where
+        self._reader = file
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("collections", "OrderedDict"):
@@ -187,7 +230,7 @@ class _OuterUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
             return _rebuild_parameter
         if (module, name) == ("torch.storage", "_load_from_bytes"):
-            return lambda blob: _load_storage(blob, self._where)
+            return lambda blob: _load_storage(blob, self._where, self._reader)
         raise _reject(module, name, self._where)
 
     def persistent_load(self, pid: Any) -> Any:
