@@ -169,3 +169,50 @@ def test_trainer_checkpoint_layout_loads(tmp_path, tm8):
 
     assert isinstance(loaded.model, GHN3)
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), tm8.model.state_dict().values()))
+
+
+def test_convert_command_writes_loadable_file(tmp_path, capsys):
+    from timm_ghn.cli import main
+
+    _require_ghn3()
+    output = tmp_path / "tm8.safetensors"
+
+    status = main(["convert", str(TM8), "-o", str(output)])
+
+    assert status == 0
+    assert "GHN3 with 6,906,632 parameters" in capsys.readouterr().out
+    assert isinstance(load_ghn(output).model, GHN3)
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_100", "efficientnet_b0"])
+def test_ghn3_graph_rules_for_squeeze_excitation(arch):
+    """GHN-3 keeps a hard-sigmoid gate's product as ``cse`` and drops the SE means; GHN-2 keeps
+    the means as ``glob_avg`` and drops the product."""
+    from timm_ghn.graph import build_graph
+
+    with torch.device("meta"):
+        model = timm.create_model(arch)
+    ghn2 = build_graph(model, style="ghn2").primitive_histogram()
+    ghn3 = build_graph(model, style="ghn3").primitive_histogram()
+
+    assert ghn2["glob_avg"] > 1
+    assert "cse" not in ghn2
+    assert ghn3.get("glob_avg", 0) <= 1
+    if arch == "mobilenetv3_small_100":
+        assert ghn3["cse"] == 9
+
+
+@pytest.mark.parametrize("reference_file, arch", [("torchvision_resnet50.json", "resnet50"), ("timm_vit_tiny_patch16_224.json", "vit_tiny_patch16_224")])
+def test_ghn3_graph_style_equals_reference(reference_file, arch):
+    from timm_ghn.graph import build_graph
+
+    _require_ghn3()
+    reference = json.loads((GHN3_REFERENCE / reference_file).read_text())["graph"]
+    with torch.device("meta"):
+        model = timm.create_model(arch)
+
+    graph = build_graph(model, style="ghn3")
+
+    rows = [[i, n.primitive, n.param_name, list(n.shape) if n.shape else None] for i, n in enumerate(graph.nodes)]
+    assert rows == [row[:4] for row in reference["nodes"]]
+    assert graph.edges.tolist() == reference["edges"]

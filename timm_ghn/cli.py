@@ -19,7 +19,9 @@ import torch
 from timm_ghn.cache_cli import add_predict_options, predict_with_cache, register_commands
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import check_output_path
-from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, write_initialization
+from timm_ghn.hypernet import save_ghn
+from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, resolve_ghn, write_initialization
+from timm_ghn.registry import NAMED_GHNS
 
 __all__ = ["build_parser", "main"]
 
@@ -71,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument(
         "--ghn", metavar="CHECKPOINT", default=None,
-        help=f"GHN checkpoint: a ppuda .pt file or a timm_ghn .safetensors file (default: ${GHN_ENV})",
+        help=f"GHN checkpoint: a ppuda GHN-2 .pt, a GHN-3 .pt, a timm_ghn .safetensors file, or a released name "
+        f"({', '.join(NAMED_GHNS)}; downloaded once into the Hugging Face cache) (default: ${GHN_ENV})",
     )
     predict.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes of the model's head (default: the model's own, 1000 for ImageNet models)")
     predict.add_argument("--model-kwargs", default=None, metavar="JSON", help="other timm.create_model arguments as a JSON object")
@@ -103,7 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-o", "--output", default=None, metavar="FILE", help="output file (default: MODEL-METHOD.safetensors in the current directory)")
     add_predict_options(predict)
     register_commands(commands, predict)
+    _add_convert_parser(commands)
     return parser
+
+
+def _add_convert_parser(commands) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="convert a GHN checkpoint to the timm_ghn safetensors format",
+        description="Read a GHN-1/GHN-2 (ppuda .pt), GHN-3 (released joblib .pt or trainer .pt) or named "
+        "checkpoint without executing code from it, and write its tensors as safetensors with the config in "
+        "the header. The result loads everywhere a checkpoint is accepted and is memory-mapped when read.",
+    )
+    convert.add_argument("checkpoint", metavar="CHECKPOINT", help=f"file path or released name ({', '.join(NAMED_GHNS)})")
+    convert.add_argument("-o", "--output", required=True, metavar="FILE", help="output .safetensors file")
+    convert.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    output = Path(args.output).expanduser()
+    check_output_path(output)
+    start = time.perf_counter()
+    loaded = resolve_ghn(args.checkpoint)
+    path = save_ghn(loaded.model, output, {"timm_ghn.source_sha256": loaded.sha256, "timm_ghn.source_name": loaded.name})
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{path}: {type(loaded.model).__name__} with {parameters:,} parameters from {loaded.name}, {time.perf_counter() - start:.2f} s")
+    return 0
 
 
 def _run_predict(args: argparse.Namespace) -> int:
