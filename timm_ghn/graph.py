@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -43,6 +42,7 @@ from torch import nn
 from timm_ghn import ghn3_graph
 from timm_ghn.errors import TimmGhnError
 from timm_ghn.ghn3_graph import GHN3_OPERATIONS
+from timm_ghn.trace import NORM_TYPES, Entry, collect_entries, operation_name, parameter_primitive, trace_output
 
 __all__ = [
     "PRIMITIVES",
@@ -89,30 +89,6 @@ OPERATION_PRIMITIVES: dict[str, str] = {
 
 #: Largest shortest-path length stored as a virtual edge (GHN-2 and GHN-3 with ``ve``).
 VIRTUAL_EDGE_CUTOFF = 50
-
-_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)
-
-
-def _parameter_primitive(module: nn.Module, name: str) -> str | None:
-    """Return the primitive of a parameter of ``module``, or None if the module is unsupported."""
-    if isinstance(module, nn.Conv2d):
-        if "bias" in name:
-            return "bias"
-        if module.groups > 1:
-            return "dil_conv" if min(module.dilation) > 1 else "sep_conv"
-        return "conv"
-    if isinstance(module, nn.Linear):
-        return "bias" if "bias" in name else "conv"
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return "bn"
-    if isinstance(module, nn.LayerNorm):
-        return "ln"
-    if isinstance(module, nn.MultiheadAttention):
-        return "bias" if "bias" in name else "conv"
-    if isinstance(module, nn.Embedding):
-        return "pos_enc"
-    return None
-
 
 @dataclasses.dataclass
 class GraphNode:
@@ -234,148 +210,10 @@ def group_key(
 
 
 # ---------------------------------------------------------------------------------------------
-# Tracing
-
-
-@dataclasses.dataclass
-class _Entry:
-    name: str
-    module: nn.Module | None
-    module_name: str | None
-    shape: tuple[int, ...] | None = None
-    keepdim: str | None = None
-    kernel_size: str | None = None
-
-
-def _operation_name(label: str) -> str:
-    return label.split("Backward")[0]
-
-
-def _trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
-    """Run one forward pass on the meta device and map each traced parameter to its name."""
-    names_by_param: dict[int, str] = {}
-    owners: dict[str, tuple[str, nn.Module]] = {}
-    for module_name, module in model.named_modules():
-        for local_name, param in module.named_parameters(recurse=False):
-            if param is None:
-                continue
-            full_name = f"{module_name}.{local_name}" if module_name else local_name
-            owners[full_name] = (module_name, module)
-            names_by_param.setdefault(id(param), full_name)
-
-    meta_by_param: dict[int, torch.Tensor] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) not in meta_by_param:
-            meta_by_param[id(param)] = torch.empty_like(param, device="meta").requires_grad_(True)
-        replacements[name] = meta_by_param[id(param)]
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        replacements[name] = torch.empty_like(buffer, device="meta")
-
-    sample = torch.empty((2, *input_size), device="meta")
-    with torch.enable_grad():
-        output = torch.func.functional_call(model, replacements, (sample,), tie_weights=True, strict=False)
-
-    if isinstance(output, torch.Tensor):
-        outputs = [output]
-    elif isinstance(output, dict):
-        outputs = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        outputs = [output[0]]
-    else:
-        raise TimmGhnError(f"cannot trace {type(model).__name__}: its forward returned {type(output).__name__}")
-    param_names = {id(meta_by_param[pid]): names_by_param[pid] for pid in meta_by_param}
-    # The meta tensors are returned too: identities in ``param_names`` are valid while they live.
-    return outputs, {"param_names": param_names, "owners": owners, "tensors": list(meta_by_param.values())}
-
-
-def _collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict, keep_all: bool = False):
-    """Walk the autograd graph depth-first from the outputs and return the entries and edges.
-
-    Entries are registered in discovery order (output side first); an operation with parameters of
-    supported layers registers those parameters, an operation without registers itself. Edges go
-    from a producer's last entry to a consumer's first entry, except that an entry named like a
-    bias is placed after the consumer's first entry (``weight -> bias``). With ``keep_all`` (the
-    GHN-3 builder) parameters of unsupported layers and norm biases become entries too; the GHN-3
-    filter removes them later.
-    """
-    entries: dict[object, _Entry] = {}
-    memo: dict[object, tuple[object | None, str]] = {}
-    edges: list[tuple[object, object]] = []
-    skipped: set[str] = set()
-
-    def enter(function) -> list:
-        label = type(function).__name__
-        first = last = None
-        if not hasattr(function, "variable"):
-            leaves = []
-            for child, _ in function.next_functions:
-                if child is None or not hasattr(child, "variable"):
-                    continue
-                name = param_names.get(id(child.variable))
-                if name is None:
-                    continue
-                module_name, module = owners[name]
-                local = name.rsplit(".", 1)[-1]
-                if not keep_all:
-                    if _parameter_primitive(module, name) is None or child.variable.dim() > 4:
-                        skipped.add(name)
-                        continue
-                    if isinstance(module, _NORM_TYPES) and local == "bias":
-                        continue
-                leaves.append((child, _Entry(name, module, module_name, tuple(child.variable.shape))))
-            if not leaves:
-                entry = _Entry(label, None, None)
-                keepdim = getattr(function, "_saved_keepdim", None) if label.startswith("Mean") else None
-                entry.keepdim = None if keepdim is None else str(keepdim)
-                if "Pool" in label:
-                    kernel = getattr(function, "_saved_kernel_size", None)
-                    entry.kernel_size = None if kernel is None else str(kernel)
-                leaves = [(function, entry)]
-            for key, entry in leaves:
-                if key not in entries:
-                    entries[key] = entry
-                memo[key] = (key, entry.name)
-            first, last = leaves[0][0], leaves[-1][0]
-        memo[function] = (last, label)
-        return [function, first, list(function.next_functions), 0]
-
-    for output in outputs:
-        if output is None or output.grad_fn is None:
-            continue
-        root = output.grad_fn
-        if root in memo:
-            continue
-        stack = [enter(root)]
-        while stack:
-            frame = stack[-1]
-            function, first, children, index = frame
-            if index >= len(children):
-                stack.pop()
-                continue
-            frame[3] = index + 1
-            child = children[index][0]
-            if child is None:
-                continue
-            new = child not in memo
-            if new:
-                child_frame = enter(child)
-            link, label = memo[child]
-            if link is not None and link is not first:
-                if "bias" in label:
-                    edges.append((first, link))
-                else:
-                    edges.append((link, first))
-            if new:
-                stack.append(child_frame)
-    return entries, edges, skipped
-
-
-# ---------------------------------------------------------------------------------------------
 # Graph rewriting steps (ppuda order: linear fix, input node, sort, filter, virtual edges)
 
 
-def _fix_linear_layers(entries: list[_Entry], adjacency: np.ndarray) -> None:
+def _fix_linear_layers(entries: list[Entry], adjacency: np.ndarray) -> None:
     """Reorder ``producer -> bias <- weight`` of ``nn.Linear`` into ``producer -> weight -> bias``."""
     for i, entry in enumerate(entries):
         if not isinstance(entry.module, nn.Linear) or ".weight" not in "." + entry.name:
@@ -388,7 +226,7 @@ def _fix_linear_layers(entries: list[_Entry], adjacency: np.ndarray) -> None:
             adjacency[i, i] = 0
 
 
-def _prune_dangling_operations(entries: list[_Entry], adjacency: np.ndarray):
+def _prune_dangling_operations(entries: list[Entry], adjacency: np.ndarray):
     """Drop operation nodes without inputs, which only depend on skipped parameters."""
     keep = np.ones(len(entries), dtype=bool)
     while True:
@@ -423,7 +261,7 @@ def _topological_order(adjacency: np.ndarray) -> list[int]:
     return order
 
 
-def _filter_operations(entries: list[_Entry], adjacency: np.ndarray):
+def _filter_operations(entries: list[Entry], adjacency: np.ndarray):
     """Remove parameter-free operations that GHN-2 does not model, bypassing each removed node.
 
     One pass per pattern over the node list; a node matches when the pattern is a substring of its
@@ -432,7 +270,7 @@ def _filter_operations(entries: list[_Entry], adjacency: np.ndarray):
     """
     unsupported: list[str] = []
     for entry in entries:
-        if entry.module is None and _operation_name(entry.name) not in OPERATION_PRIMITIVES:
+        if entry.module is None and operation_name(entry.name) not in OPERATION_PRIMITIVES:
             if entry.name not in unsupported:
                 unsupported.append(entry.name)
     patterns = ["Mul", "Clone", *unsupported, "Mean", "Add", "Cat"]
@@ -495,17 +333,17 @@ def _parse_kernel_size(text: str | None) -> tuple[int, int, int, int]:
     return (1, 1, *sizes[:2])
 
 
-def _make_nodes(entries: list[_Entry], style: str = "ghn2") -> list[GraphNode]:
+def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
     nodes: list[GraphNode] = []
     unknown: dict[str, int] = {}
     n = len(entries)
     for v, entry in enumerate(entries):
         if entry.module is not None:
-            primitive = _parameter_primitive(entry.module, entry.name)
+            primitive = parameter_primitive(entry.module, entry.name)
             local = entry.name.rsplit(".", 1)[-1]
             bias_name = None
             is_weight = local == "weight"
-            if isinstance(entry.module, _NORM_TYPES) and getattr(entry.module, "bias", None) is not None:
+            if isinstance(entry.module, NORM_TYPES) and getattr(entry.module, "bias", None) is not None:
                 bias_name = f"{entry.module_name}.bias" if entry.module_name else "bias"
             node = GraphNode(
                 name=entry.name,
@@ -519,7 +357,7 @@ def _make_nodes(entries: list[_Entry], style: str = "ghn2") -> list[GraphNode]:
                 last_bias=v == n - 1 and (style == "ghn2" or ".bias" in "." + entry.name),
             )
         else:
-            operation = _operation_name(entry.name)
+            operation = operation_name(entry.name)
             operations = OPERATION_PRIMITIVES if style == "ghn2" else GHN3_OPERATIONS
             primitive = operations.get(operation)
             if primitive is None:
@@ -534,13 +372,13 @@ def _make_nodes(entries: list[_Entry], style: str = "ghn2") -> list[GraphNode]:
     return nodes
 
 
-def _sorted(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+def _sorted(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Entry], np.ndarray]:
     np.fill_diagonal(adjacency, 0)
     order = _topological_order(adjacency)
     return [entries[i] for i in order], adjacency[np.ix_(order, order)]
 
 
-def _rewrite_ghn2(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+def _rewrite_ghn2(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Entry], np.ndarray]:
     """GHN-2 order: linear fix, input node, topological sort, filtering."""
     _fix_linear_layers(entries, adjacency)
     entries, adjacency = _prune_dangling_operations(entries, adjacency)
@@ -548,7 +386,7 @@ def _rewrite_ghn2(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_E
     sources = np.flatnonzero(adjacency.sum(axis=0) == 0)
     if len(sources) > 1:
         logger.debug("graph has %d source nodes; the input node feeds all of them", len(sources))
-    entries.append(_Entry("input", None, None))
+    entries.append(Entry("input", None, None))
     adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
     adjacency[-1, sources] = 1
 
@@ -556,7 +394,7 @@ def _rewrite_ghn2(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_E
     return _filter_operations(entries, adjacency)
 
 
-def _rewrite_ghn3(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_Entry], np.ndarray]:
+def _rewrite_ghn3(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Entry], np.ndarray]:
     """GHN-3 order: filter, weight-edge fix, softmax fix, second filter, input node, sort."""
     patterns = ["Mul", *ghn3_graph.unsupported_patterns(entries), "Mean", "Add", "Cat"]
     entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, patterns)
@@ -565,7 +403,7 @@ def _rewrite_ghn3(entries: list[_Entry], adjacency: np.ndarray) -> tuple[list[_E
     entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, ["Add", "Cat"])
 
     sources = [i for i in np.flatnonzero(adjacency.sum(axis=0) == 0) if "weight" in entries[i].name]
-    entries.append(_Entry("input", None, None))
+    entries.append(Entry("input", None, None))
     adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
     adjacency[-1, sources] = 1
     return _sorted(entries, adjacency)
@@ -592,7 +430,7 @@ def build_graph(
     """
     size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
     try:
-        outputs, names = _trace_output(model, size)
+        outputs, names = trace_output(model, size)
     except TimmGhnError:
         raise
     except Exception as error:  # a forward pass can fail in many ways; report which model and why
@@ -603,7 +441,7 @@ def build_graph(
 
     if style not in ("ghn2", "ghn3"):
         raise ValueError(f"invalid graph style {style!r}: expected 'ghn2' or 'ghn3'")
-    entries_by_key, edge_keys, skipped = _collect_entries(
+    entries_by_key, edge_keys, skipped = collect_entries(
         outputs, names["param_names"], names["owners"], keep_all=style == "ghn3"
     )
     keys = list(entries_by_key)

@@ -193,15 +193,6 @@ def _copy_releasing_pages(source: torch.Tensor, mapping: mmap.mmap | None, file_
             if last > first:
                 mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
     return copy
-    tensor = tensor.clone()
-    base = reader.offsets.get(id(blob)) if reader is not None else None
-    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
-        # Drop the copied range's pages (whole pages only); neighbours re-read them from the file.
-        first = -(-(base + offset) // mmap.PAGESIZE) * mmap.PAGESIZE
-        last = (base + offset + count * itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        if last > first:
-            reader.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
-    return tensor
 
 
 def _rebuild_tensor(storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None):
