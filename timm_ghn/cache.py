@@ -44,7 +44,7 @@ from huggingface_hub import constants as hf_constants
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import METADATA_PREFIX, encode_json
 from timm_ghn.hypernet.checkpoint import LoadedGHN, file_sha256
-from timm_ghn.pipeline import GHN_ENV, METHODS, check_model_name, resolve_ghn
+from timm_ghn.pipeline import GHN_ENV, _check_options, check_model_name, resolve_ghn
 from timm_ghn.postprocess import default_start_layer, weight_modules
 
 __all__ = [
@@ -272,10 +272,8 @@ def make_request(
         InvalidOptionError: an option is out of range, or ``model_kwargs`` is not JSON-serializable.
         UnknownModelError: timm does not know ``model_name``.
     """
-    if method not in METHODS:
-        raise InvalidOptionError(f"invalid method {method!r}: expected one of {', '.join(METHODS)}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise InvalidOptionError(f"invalid seed {seed!r}: expected an integer >= 0")
+    # The same checks and messages as initialize_model, before any work on the key.
+    _check_options(method, beta, start_layer, seed)
     kwargs = dict(model_kwargs or {})
     kwargs.pop("pretrained", None)
     try:
@@ -310,6 +308,29 @@ def make_request(
 # --- checking a file ----------------------------------------------------------------------------
 
 
+def _read_header_bytes(path: Path) -> tuple[bytes, int]:
+    """Return the raw JSON header of a safetensors file and the file's size in bytes."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CacheEntryError(f"{path} is {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, _MAX_HEADER_BYTES):
+            raise CacheEntryError(f"{path}: header length {length} exceeds the file size {size}")
+        return handle.read(length), size
+
+
+def _parse_header(path: Path, text: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CacheEntryError(f"{path}: the safetensors header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise CacheEntryError(f"{path}: the safetensors header is not a JSON object")
+    return header
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """Return the JSON header of a safetensors file and the number of data bytes after it.
 
@@ -317,22 +338,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         CacheEntryError: the file is shorter than its header, or the header is not a JSON object.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CacheEntryError(f"{path} is {size} bytes, too short for a safetensors header")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(size - 8, _MAX_HEADER_BYTES):
-            raise CacheEntryError(f"{path}: header length {length} exceeds the file size {size}")
-        text = handle.read(length)
-    try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CacheEntryError(f"{path}: the safetensors header is not valid JSON ({error})") from error
-    if not isinstance(header, dict):
-        raise CacheEntryError(f"{path}: the safetensors header is not a JSON object")
-    return header, size - 8 - length
+    text, size = _read_header_bytes(path)
+    return _parse_header(path, text), size - 8 - len(text)
+
+
+# Key -> (raw header, file size) of the last file that passed validate_entry in this process. A
+# file with the same header bytes and size passes the same checks, so they are not repeated.
+_VALIDATED: dict[str, tuple[bytes, int]] = {}
 
 
 def validate_entry(path: str | os.PathLike, request: InitRequest) -> None:
@@ -342,7 +354,12 @@ def validate_entry(path: str | os.PathLike, request: InitRequest) -> None:
         CacheEntryError: naming the first problem found (header, key, tensor names, shapes,
             dtypes, or a data section shorter or longer than the header describes).
     """
-    header, data_bytes = read_header(path)
+    path = Path(path)
+    text, size = _read_header_bytes(path)
+    if _VALIDATED.get(request.key) == (text, size):
+        return
+    header = _parse_header(path, text)
+    data_bytes = size - 8 - len(text)
     metadata = header.pop("__metadata__", None) or {}
     found_key = metadata.get(KEY_METADATA)
     if found_key != request.key:
@@ -367,6 +384,7 @@ def validate_entry(path: str | os.PathLike, request: InitRequest) -> None:
             end = stop
     if end != data_bytes:
         raise CacheEntryError(f"{path}: the data section is {data_bytes} bytes but the header describes {end} (truncated or padded file)")
+    _VALIDATED[request.key] = (text, size)
 
 
 def atomic_copy(source: str | os.PathLike, destination: Path) -> Path:
