@@ -14,9 +14,10 @@ from pathlib import Path
 from timm_ghn.cache import LocalCache, make_request
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.hub import HUB_REPO_ENV, download_entry, hub_repos, push_entries
+from timm_ghn.pipeline import InitReport
 from timm_ghn.resolve import copy_entry, resolve_initialization
 
-__all__ = ["add_predict_options", "predict_with_cache", "register_commands"]
+__all__ = ["add_predict_options", "predict_with_cache", "prediction_line", "register_commands"]
 
 # Options of ``predict`` that determine an entry's key; ``pull`` takes the same ones.
 _KEY_OPTIONS = ("model", "method", "ghn", "num_classes", "model_kwargs", "beta", "start_layer", "variant", "seed", "predict_classifier")
@@ -62,16 +63,20 @@ def predict_with_cache(args: argparse.Namespace, kwargs: dict, device, output: P
         print(f"{output}: {args.model} {args.method} from {where} (key {key}){pushed}, {resolved.seconds:.2f} s")
         return 0
 
-    prediction = resolved.report.prediction
-    tensors_total = len(prediction.predicted) + len(prediction.unpredicted)
-    report = resolved.report
-    orth = f", GHN-orth from layer {report.start_layer} (beta {report.beta:g})" if report.orth else ""
-    print(
-        f"{output}: {args.model} {args.method}, predicted {len(prediction.predicted)}/{tensors_total} tensors and "
-        f"{prediction.num_params_predicted:,}/{prediction.num_params_total:,} parameters "
-        f"({100 * prediction.fraction_predicted:.2f}%){orth}, {resolved.seconds:.2f} s (key {key}){pushed}"
-    )
+    print(f"{prediction_line(output, args.model, resolved.report, resolved.seconds)} (key {key}){pushed}")
     return 0
+
+
+def prediction_line(path: Path, model_name: str, report: InitReport, seconds: float) -> str:
+    """Return the line ``predict`` prints: the file, the predicted counts, GHN-orth's layer and the time."""
+    prediction = report.prediction
+    tensors_total = len(prediction.predicted) + len(prediction.unpredicted)
+    orth = f", GHN-orth from layer {report.start_layer} (beta {report.beta:g})" if report.orth else ""
+    return (
+        f"{path}: {model_name} {report.method}, predicted {len(prediction.predicted)}/{tensors_total} tensors and "
+        f"{prediction.num_params_predicted:,}/{prediction.num_params_total:,} parameters "
+        f"({100 * prediction.fraction_predicted:.2f}%){orth}, {seconds:.2f} s"
+    )
 
 
 def register_commands(commands: argparse._SubParsersAction, predict: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from timm_ghn.cache_cli import add_predict_options, predict_with_cache, register_commands
+from timm_ghn.cache_cli import add_predict_options, predict_with_cache, prediction_line, register_commands
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import check_output_path
 from timm_ghn.hypernet import save_ghn
@@ -164,14 +164,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     path = write_initialization(model, report, output)
     seconds = time.perf_counter() - start
 
-    prediction = report.prediction
-    tensors_total = len(prediction.predicted) + len(prediction.unpredicted)
-    orth = f", GHN-orth from layer {report.start_layer} (beta {report.beta:g})" if report.orth else ""
-    print(
-        f"{path}: {args.model} {args.method}, predicted {len(prediction.predicted)}/{tensors_total} tensors and "
-        f"{prediction.num_params_predicted:,}/{prediction.num_params_total:,} parameters "
-        f"({100 * prediction.fraction_predicted:.2f}%){orth}, {seconds:.2f} s"
-    )
+    print(prediction_line(path, args.model, report, seconds))
     return 0
 
 
