@@ -54,3 +54,18 @@ def fingerprint_errors(tensor: torch.Tensor, reference: dict) -> tuple[float, fl
     first = values[: len(reference["first8"])].tolist()
     d_first = max(abs(a - b) for a, b in zip(first, reference["first8"])) / rms
     return d_sum, d_sum_sq, d_first
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache_dir(tmp_path_factory):
+    """Keep every test, module-scoped fixtures included, away from the user's cache and Hub repos."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIMM_GHN_CACHE", str(tmp_path_factory.mktemp("timm_ghn_session_cache")))
+        patch.delenv("TIMM_GHN_HUB_REPO", raising=False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_cache_dir(tmp_path_factory, monkeypatch):
+    """Give each test a fresh, empty cache directory, so no test reads another's entries."""
+    monkeypatch.setenv("TIMM_GHN_CACHE", str(tmp_path_factory.mktemp("timm_ghn_cache")))
