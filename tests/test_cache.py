@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -298,3 +299,27 @@ def test_predict_from_cache(entry, tmp_path, capsys):
 
     assert output.read_bytes() == entry.read_bytes()
     assert "from the cache" in capsys.readouterr().out
+
+
+def test_named_ghn_hashed_from_hf_cache(tmp_path, monkeypatch):
+    """A released GHN's name is hashed from its file in the Hugging Face cache, offline."""
+    from huggingface_hub import constants
+
+    content = IMAGENET_GHN.read_bytes()
+    digest = hashlib.sha256(content).hexdigest()
+    repo = tmp_path / "hub" / "models--SamsungSAILMontreal--ghn3"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / digest).write_bytes(content)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "ghn3tm8.pt").symlink_to(repo / "blobs" / digest)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(timm_ghn.cache, "_NAMED_GHN_FILES", {})
+
+    found, ghn = timm_ghn.cache.ghn_digest("ghn3-tm8")
+
+    assert found == digest
+    assert Path(ghn) == snapshot / "ghn3tm8.pt"

@@ -46,6 +46,7 @@ from timm_ghn.export import METADATA_PREFIX, encode_json
 from timm_ghn.hypernet.checkpoint import LoadedGHN, file_sha256
 from timm_ghn.pipeline import GHN_ENV, _check_options, check_model_name, resolve_ghn
 from timm_ghn.postprocess import default_start_layer, weight_modules
+from timm_ghn.registry import download_named_ghn, is_named_ghn
 
 __all__ = [
     "CACHE_ENV",
@@ -188,6 +189,7 @@ class InitRequest:
 
 _ARCHITECTURES: dict[tuple[str, str], Architecture] = {}
 _GHN_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_NAMED_GHN_FILES: dict[str, Path] = {}
 
 
 def architecture_of(model_name: str, model_kwargs: Mapping[str, Any]) -> Architecture:
@@ -225,8 +227,9 @@ def architecture_of(model_name: str, model_kwargs: Mapping[str, Any]) -> Archite
 def ghn_digest(ghn: str | os.PathLike | LoadedGHN | None) -> tuple[str, str | os.PathLike | LoadedGHN]:
     """Return the SHA-256 of a GHN checkpoint and the value to pass on to the prediction.
 
-    A path is hashed without loading the network, and the digest is kept for the life of the
-    process while the file's device, inode, size and modification time stay the same. ``None`` means
+    A path, or the name of a released GHN (see :mod:`timm_ghn.registry`), is hashed without
+    loading the network, and the digest is kept for the life of the process while the file's
+    device, inode, size and modification time stay the same. ``None`` means
     ``$TIMM_GHN_CHECKPOINT``; without it, :func:`timm_ghn.pipeline.resolve_ghn` decides.
     """
     if isinstance(ghn, LoadedGHN):
@@ -238,6 +241,12 @@ def ghn_digest(ghn: str | os.PathLike | LoadedGHN | None) -> tuple[str, str | os
         return loaded.sha256, loaded
 
     path = os.path.expanduser(ghn)
+    if isinstance(ghn, str) and is_named_ghn(ghn) and not os.path.exists(path):
+        # A released GHN's name: hash its file in the Hugging Face cache instead of loading the
+        # network, and pass that file on to the prediction.
+        if ghn not in _NAMED_GHN_FILES:
+            _NAMED_GHN_FILES[ghn] = download_named_ghn(ghn)
+        path = ghn = str(_NAMED_GHN_FILES[ghn])
     try:
         stat = os.stat(path)
     except OSError:
