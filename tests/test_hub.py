@@ -389,3 +389,47 @@ def timm_ghn_model(overlay: dict) -> torch.nn.Module:
     import timm
 
     return timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=overlay)
+
+
+# --- pull by key ---------------------------------------------------------------------------------
+
+
+def test_pull_by_key_without_ghn(hub, entry, request_key, tmp_path, capsys):
+    put_in_cache(entry)
+    assert run("push", REPO) == 0
+    for path in cache_dir().glob("*.safetensors"):
+        path.unlink()
+    output = tmp_path / "pulled.safetensors"
+
+    status = run("pull", MODEL, "--key", request_key.key[:12], "--hub-repo", REPO, "-o", str(output))
+
+    assert status == 0
+    assert output.read_bytes() == entry.read_bytes()
+    assert (cache_dir() / entry.name).read_bytes() == entry.read_bytes()
+    assert f"from Hub repo {REPO}" in capsys.readouterr().out
+
+
+def test_pull_by_key_checks_sha256(hub, entry, request_key, tmp_path, capsys):
+    put_in_cache(entry)
+    assert run("push", REPO) == 0
+    files = hub.repo(REPO).files
+    path = entry_path(request_key)
+    files[path] = files[path][:-8] + b"\x00" * 8  # same size, other bytes
+
+    status = run("pull", MODEL, "--key", request_key.key[:12], "--hub-repo", REPO, "-o", str(tmp_path / "x.safetensors"))
+
+    assert status == 1
+    error = capsys.readouterr().err
+    assert "SHA-256" in error
+    assert REPO in error
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_pull_by_key_other_model(hub, entry, request_key, tmp_path, capsys):
+    put_in_cache(entry)
+    assert run("push", REPO) == 0
+
+    status = run("pull", "resnet18", "--key", request_key.key[:12], "--hub-repo", REPO, "-o", str(tmp_path / "x.safetensors"))
+
+    assert status == 1
+    assert f"an entry for {MODEL}, not resnet18" in capsys.readouterr().err

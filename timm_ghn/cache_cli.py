@@ -13,7 +13,7 @@ from pathlib import Path
 
 from timm_ghn.cache import LocalCache, make_request
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
-from timm_ghn.hub import HUB_REPO_ENV, download_entry, hub_repos, push_entries
+from timm_ghn.hub import HUB_REPO_ENV, download_by_key, download_entry, hub_repos, push_entries
 from timm_ghn.pipeline import InitReport
 from timm_ghn.resolve import copy_entry, resolve_initialization
 
@@ -105,6 +105,11 @@ def register_commands(commands: argparse._SubParsersAction, predict: argparse.Ar
         "--hub-repo", action="append", default=None, metavar="REPO_ID",
         help=f"Hub repo to download from; repeatable (default: ${HUB_REPO_ENV}, comma-separated)",
     )
+    pull.add_argument(
+        "--key", default=None, metavar="KEY",
+        help="take the entry with this key (or key prefix) from the repo's index.json instead of computing the key; "
+        "needs no GHN checkpoint, and options other than MODEL are ignored",
+    )
     pull.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the safetensors file")
     pull.set_defaults(handler=_run_pull)
 
@@ -144,6 +149,8 @@ def _run_pull(args: argparse.Namespace) -> int:
     from timm_ghn.cli import _parse_kwargs
 
     start = time.perf_counter()
+    if args.key:
+        return _pull_by_key(args, start)
     kwargs = _parse_kwargs(args.model_kwargs)
     if args.num_classes is not None:
         if args.num_classes < 1:
@@ -174,6 +181,23 @@ def _run_pull(args: argparse.Namespace) -> int:
         )
     output = copy_entry(path, args.output)
     print(f"{output}: {args.model} {args.method} from {source} (key {request.key[:12]}), {time.perf_counter() - start:.2f} s")
+    return 0
+
+
+def _pull_by_key(args: argparse.Namespace, start: float) -> int:
+    repos = hub_repos(args.hub_repo)
+    if not repos:
+        raise TimmGhnError(f"no Hub repo given: pass --hub-repo REPO_ID or set {HUB_REPO_ENV}")
+    cache = LocalCache()
+    for repo_id in repos:
+        found = download_by_key(repo_id, args.key, cache, model_name=args.model)
+        if found is not None:
+            break
+    else:
+        raise TimmGhnError(f"no entry with key {args.key!r} in the index.json of {', '.join(repos)}; see the repo's README for the keys")
+    path, record = found
+    output = copy_entry(path, args.output)
+    print(f"{output}: {args.model} {record['method']} from Hub repo {repo_id} (key {args.key}), {time.perf_counter() - start:.2f} s")
     return 0
 
 

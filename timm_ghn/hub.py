@@ -49,6 +49,7 @@ __all__ = [
     "INDEX_FILENAME",
     "HubAccessError",
     "HubUnavailableError",
+    "download_by_key",
     "download_entry",
     "entry_path",
     "hub_overlay",
@@ -176,6 +177,56 @@ def download_entry(repo_id: str, request: InitRequest, cache: LocalCache) -> Pat
         os.replace(downloaded, path)
         logger.info("downloaded %s from %s into the cache: %s", filename, repo_id, path)
         return path
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def download_by_key(
+    repo_id: str, key_prefix: str, cache: LocalCache, model_name: str | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """Download the entry whose key starts with ``key_prefix``, as ``index.json`` of ``repo_id`` lists it.
+
+    This needs no GHN checkpoint: the file is checked against the index record's SHA-256 and
+    key, and stored in ``cache`` under its own name. Returns the cached path and the record, or
+    ``None`` when the index lists no such key.
+
+    Raises:
+        HubAccessError, HubUnavailableError: see :func:`hub_error`.
+        TimmGhnError: the prefix matches several entries, the entry is not for ``model_name``
+            (when given), or the file differs from its record.
+    """
+    index = read_index(repo_id)
+    matches = sorted(key for key in index["entries"] if key.startswith(key_prefix.lower()))
+    if not matches:
+        return None
+    if len(matches) > 1:
+        raise TimmGhnError(f"key prefix {key_prefix!r} matches {len(matches)} entries in {repo_id}; give more characters")
+    key = matches[0]
+    record = index["entries"][key]
+    if model_name is not None and record["model_name"] != model_name:
+        raise TimmGhnError(f"key {key_prefix!r} in {repo_id} is an entry for {record['model_name']}, not {model_name}; check the model name and the key")
+
+    cache._ensure_root()
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.root))
+    try:
+        downloaded = _download(repo_id, record["filename"], staging, f"downloading {record['filename']}")
+        if downloaded is None:
+            raise TimmGhnError(f"{repo_id} lists {record['filename']} in {INDEX_FILENAME} but has no such file; push the entry again")
+        digest = file_sha256(downloaded)
+        if digest != record["sha256"]:
+            raise TimmGhnError(
+                f"{record['filename']} from {repo_id} has SHA-256 {digest[:12]}, but {INDEX_FILENAME} lists "
+                f"{record['sha256'][:12]}; retry, or push the entry again"
+            )
+        header, _ = read_header(downloaded)
+        found_key = (header.get("__metadata__") or {}).get(KEY_METADATA)
+        if found_key != key:
+            raise TimmGhnError(f"{record['filename']} from {repo_id} has key {found_key!r} in its header, not {key}; push the entry again")
+        path = cache.root / Path(record["filename"]).name
+        os.chmod(downloaded, 0o644)
+        os.replace(downloaded, path)
+        logger.info("downloaded %s (key %s) from %s into the cache: %s", record["filename"], key[:12], repo_id, path)
+        return path, record
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
