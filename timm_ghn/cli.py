@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from timm_ghn import evaluate, train
 from timm_ghn.cache_cli import add_predict_options, predict_with_cache, prediction_line, register_commands
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import check_output_path
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("-o", "--output", default=None, metavar="FILE", help="output file (default: MODEL-METHOD.safetensors in the current directory)")
     add_predict_options(predict)
     register_commands(commands, predict)
+    train.add_parser(commands)
+    evaluate.add_parser(commands)
     _add_convert_parser(commands)
     return parser
 
