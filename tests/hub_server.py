@@ -13,7 +13,8 @@ Endpoints (read from huggingface_hub 2.4's ``hf_api.py``, ``_commit_api.py`` and
 
 Tokens: ``WRITE_TOKEN`` may read and write every repo, ``READ_TOKEN`` only read; a write without a
 token, or with an unknown one, gets 401, and a write with ``READ_TOKEN`` gets 403. Private repos
-answer 401 ``RepoNotFound`` to reads without a valid token, as the Hub does.
+return 401 ``RepoNotFound`` to reads without a valid token, as the Hub does, and repos marked
+``forbidden`` return 403 to every read.
 
 Faults for tests: ``short_body[path] = n`` sends only the first ``n`` bytes of a file on GET
 while HEAD reports the full size, like a connection cut short by a proxy.
@@ -40,6 +41,7 @@ MAX_BODY_BYTES = 512 * 1024 * 1024
 @dataclass
 class Repo:
     private: bool = False
+    forbidden: bool = False  # reads get 403, as for a gated repo whose access was not granted
     files: dict[str, bytes] = field(default_factory=dict)
     commits: list[tuple[str, str]] = field(default_factory=list)  # (sha, summary), newest last
 
@@ -121,6 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.state.repos.get(repo_id)
         if repo is None or (repo.private and self._token() not in (WRITE_TOKEN, READ_TOKEN)):
             self._error(401 if self._token() is None else 404, "RepoNotFound", "Repository not found", head_only)
+            return None
+        if repo.forbidden:
+            self._error(403, None, "Access to this repo is restricted", head_only)
             return None
         return repo
 

@@ -433,3 +433,17 @@ def test_pull_by_key_other_model(hub, entry, request_key, tmp_path, capsys):
 
     assert status == 1
     assert f"an entry for {MODEL}, not resnet18" in capsys.readouterr().err
+
+
+def test_forbidden_repo_read_is_error(hub, entry, request_key):
+    put_on_hub(hub, entry, request_key)
+    hub.repo(REPO).forbidden = True
+
+    with pytest.raises(timm_ghn.TimmGhnError) as raised:
+        resolve_initialization(MODEL, ghn=IMAGENET_GHN, hub_repo=REPO)
+
+    message = str(raised.value)
+    assert "403" in message
+    assert REPO in message
+    assert "read access" in message
+    assert not list(cache_dir().glob("*.safetensors"))

@@ -96,8 +96,11 @@ def _endpoint() -> str:
     return hf_constants.ENDPOINT
 
 
-def hub_error(error: Exception, repo_id: str, action: str) -> TimmGhnError:
-    """Translate a ``huggingface_hub`` or HTTP error into one that names ``repo_id`` and the fix."""
+def hub_error(error: Exception, repo_id: str, action: str, write: bool = False) -> TimmGhnError:
+    """Translate a ``huggingface_hub`` or HTTP error into one that names ``repo_id`` and the fix.
+
+    ``write`` says whether the request was an upload, which decides the fix for a 403.
+    """
     if isinstance(error, LocalEntryNotFoundError) and error.__cause__ is not None:
         error = error.__cause__
     if isinstance(error, OfflineModeIsEnabled) or (isinstance(error, LocalEntryNotFoundError) and is_offline_mode()):
@@ -113,10 +116,15 @@ def hub_error(error: Exception, repo_id: str, action: str) -> TimmGhnError:
         status = error.response.status_code
         if status == 401:
             return HubAccessError(f"the Hub rejected the token for {repo_id} (401 Unauthorized) while {action}: {_LOGIN_HINT} with a valid token")
+        if status == 403 and write:
+            return HubAccessError(
+                f"the token has no write access to {repo_id} (403 Forbidden) while {action}: use a token with write "
+                "permission for that namespace, or push to a repo you own"
+            )
         if status == 403:
             return HubAccessError(
-                f"the token has no access to {repo_id} (403 Forbidden) while {action}: use a token with write "
-                "permission for that namespace, or push to a repo you own"
+                f"the token has no read access to {repo_id} (403 Forbidden) while {action}: request access to the "
+                f"repo on the Hub, or {_LOGIN_HINT} with a token of an account that has it"
             )
         if status == 404:
             return HubAccessError(f"{repo_id} returned 404 Not Found at {_endpoint()} while {action}: check the repo id")
@@ -160,8 +168,6 @@ def download_entry(repo_id: str, request: InitRequest, cache: LocalCache) -> Pat
         try:
             downloaded = _download(repo_id, filename, staging, f"downloading {filename}")
         except OSError as error:
-            if isinstance(error, TimmGhnError):
-                raise
             logger.warning("download of %s from %s failed (%s); predicting instead", filename, repo_id, error)
             return None
         if downloaded is None:
@@ -364,7 +370,7 @@ def push_entries(repo_id: str, paths: Sequence[str | os.PathLike], *, private: b
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
     except (HfHubHTTPError, httpx2.TransportError, OfflineModeIsEnabled) as error:
-        raise hub_error(error, repo_id, "creating the repo") from error
+        raise hub_error(error, repo_id, "creating the repo", write=True) from error
     index = read_index(repo_id)
 
     new = {key: record for key, record in records.items() if index["entries"].get(key, {}).get("sha256") != record["sha256"]}
@@ -389,7 +395,7 @@ def push_entries(repo_id: str, paths: Sequence[str | os.PathLike], *, private: b
     try:
         commit = api.create_commit(repo_id, operations, commit_message=message[:200], commit_description=description)
     except (HfHubHTTPError, httpx2.TransportError, OfflineModeIsEnabled) as error:
-        raise hub_error(error, repo_id, "uploading entries") from error
+        raise hub_error(error, repo_id, "uploading entries", write=True) from error
     logger.info("pushed %d entries to %s: %s", len(new), repo_id, commit.commit_url)
     return commit.commit_url
 
