@@ -323,3 +323,14 @@ def test_named_ghn_hashed_from_hf_cache(tmp_path, monkeypatch):
 
     assert found == digest
     assert Path(ghn) == snapshot / "ghn3tm8.pt"
+
+
+def test_unreadable_entry_is_error(entry):
+    request, _ = make_request(MODEL, ghn=IMAGENET_GHN)
+    blocking = cache_dir() / entry.name
+    blocking.mkdir(parents=True)  # a directory where the entry should be: not damage, an error
+
+    with pytest.raises(timm_ghn.cache.TimmGhnError, match="cannot read cache entry"):
+        LocalCache().lookup(request)
+
+    assert blocking.is_dir()

@@ -445,7 +445,8 @@ class LocalCache:
         """Return where the entry for ``request`` is stored (whether or not it exists)."""
         return self.root / request.filename
 
-    def _ensure_root(self) -> None:
+    def ensure_root(self) -> None:
+        """Create the cache directory and its ``.locks`` folder if they are missing."""
         try:
             (self.root / ".locks").mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -461,17 +462,22 @@ class LocalCache:
             validate_entry(path, request)
         except FileNotFoundError:
             return None
-        except (CacheEntryError, OSError) as error:
+        except CacheEntryError as error:
             logger.warning("removing damaged cache entry %s (key %s): %s; it will be rebuilt", path, request.key[:12], error)
             path.unlink(missing_ok=True)
             return None
+        except OSError as error:
+            raise TimmGhnError(
+                f"cannot read cache entry {path}: {error.strerror or error}; fix its permissions, remove it, "
+                f"or set {CACHE_ENV} to another directory"
+            ) from error
         logger.info("cache hit for %s %s (key %s): %s", request.model_name, request.method, request.key[:12], path)
         return path
 
     @contextmanager
     def lock(self, request: InitRequest) -> Iterator[None]:
         """Hold the lock for ``request``'s key, so concurrent processes predict it once."""
-        self._ensure_root()
+        self.ensure_root()
         lock = FileLock(str(self.root / ".locks" / f"{request.key}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -492,7 +498,7 @@ class LocalCache:
             CacheEntryError: ``source`` is not a valid entry for ``request``.
         """
         validate_entry(source, request)
-        self._ensure_root()
+        self.ensure_root()
         path = atomic_copy(source, self.path_for(request))
         logger.info("stored %s %s (key %s) in the cache: %s", request.model_name, request.method, request.key[:12], path)
         return path

@@ -162,7 +162,7 @@ def download_entry(repo_id: str, request: InitRequest, cache: LocalCache) -> Pat
         HubAccessError, HubUnavailableError: see :func:`hub_error`.
     """
     filename = entry_path(request)
-    cache._ensure_root()
+    cache.ensure_root()
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.root))
     try:
         try:
@@ -212,7 +212,7 @@ def download_by_key(
     if model_name is not None and record["model_name"] != model_name:
         raise TimmGhnError(f"key {key_prefix!r} in {repo_id} is an entry for {record['model_name']}, not {model_name}; check the model name and the key")
 
-    cache._ensure_root()
+    cache.ensure_root()
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=cache.root))
     try:
         downloaded = _download(repo_id, record["filename"], staging, f"downloading {record['filename']}")

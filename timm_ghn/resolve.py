@@ -181,6 +181,6 @@ def _fill(
         written = save_state_dict(model, output, metadata)
         path = cache.store_file(request, written)
     else:
-        cache._ensure_root()
+        cache.ensure_root()
         path = save_state_dict(model, cache.path_for(request), metadata)
     return Resolved(path, request, "predicted", report=report)
