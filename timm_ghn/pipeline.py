@@ -30,6 +30,7 @@ from timm_ghn.predict import PredictionResult, predict_parameters
 
 __all__ = [
     "METHODS",
+    "DEFAULT_GHN",
     "GHN_ENV",
     "InitReport",
     "check_model_name",
@@ -45,6 +46,10 @@ METHODS = ("ghn", "ghn_orth")
 
 #: Environment variable naming the GHN checkpoint used when none is passed.
 GHN_ENV = "TIMM_GHN_CHECKPOINT"
+
+#: GHN shipped inside the package and used when neither an argument nor ``$TIMM_GHN_CHECKPOINT``
+#: names one: a GHN-2 trained by ``timm-ghn pretrain`` on five CIFAR-10 classes (MODEL_CARD.md).
+DEFAULT_GHN = Path(__file__).resolve().parent / "data" / "ghn2-cifar5.safetensors"
 
 
 @dataclasses.dataclass
@@ -103,17 +108,19 @@ def check_model_name(model_name: str) -> None:
 
 def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.device = "cpu") -> LoadedGHN:
     """Return a loaded GHN from a path, a released GHN's name (see :mod:`timm_ghn.registry`), an
-    already loaded GHN, or ``$TIMM_GHN_CHECKPOINT``."""
+    already loaded GHN, ``$TIMM_GHN_CHECKPOINT``, or else the bundled :data:`DEFAULT_GHN`."""
     if isinstance(ghn, LoadedGHN):
         ghn.model.to(device)
         return ghn
     if ghn is None:
         ghn = os.environ.get(GHN_ENV)
         if not ghn:
-            # NOTE: until a default GHN ships inside the package, a checkpoint must be named.
-            raise TimmGhnError(
-                f"no GHN checkpoint given: pass --ghn PATH (Python: ghn=PATH) or set {GHN_ENV}"
-            )
+            if not DEFAULT_GHN.is_file():
+                raise TimmGhnError(
+                    f"no GHN checkpoint given and the bundled GHN {DEFAULT_GHN} is missing: pass --ghn PATH "
+                    f"(Python: ghn=PATH), set {GHN_ENV}, or reinstall timm-ghn"
+                )
+            ghn = DEFAULT_GHN
     if isinstance(ghn, str) and is_named_ghn(ghn) and not Path(ghn).exists():
         ghn = download_named_ghn(ghn)
     return load_ghn(ghn, device=device)
