@@ -33,7 +33,12 @@ class NamedGHN:
     filename: str
     description: str
     size_mb: float
+    #: Published address of a file that is not on the Hub; it is downloaded into the Hub cache.
+    url: str | None = None
 
+
+#: ppuda's checkpoints folder at the commit that the GHN-2 reference vectors were made with.
+_PPUDA = "https://github.com/facebookresearch/ppuda/raw/4673a42507a9dcd0a5ae04e74599e8c92af689b9/checkpoints"
 
 #: Released GHNs by name. Sizes are the float32 weight sizes of each configuration.
 NAMED_GHNS: dict[str, NamedGHN] = {
@@ -41,6 +46,11 @@ NAMED_GHNS: dict[str, NamedGHN] = {
     "ghn3-sm8": NamedGHN("SamsungSAILMontreal/ghn3", "ghn3sm8.pt", "GHN-3-S (35.8 M parameters), ImageNet", 143.2),
     "ghn3-lm8": NamedGHN("SamsungSAILMontreal/ghn3", "ghn3lm8.pt", "GHN-3-L (214.7 M parameters), ImageNet", 858.7),
     "ghn3-xlm16": NamedGHN("SamsungSAILMontreal/ghn3", "ghn3xlm16.pt", "GHN-3-XL (654.4 M parameters), ImageNet", 2617.5),
+    # GHN-2 files are published in the ppuda git repository (facebookresearch/ppuda, checkpoints/),
+    # not on the Hub. Sizes are those of the configs inferred for them (2.32 M and 1.62 M parameters).
+    # NOTE: these addresses were not fetched from this project's machines, which have no internet.
+    "ghn2-imagenet": NamedGHN("facebookresearch/ppuda", "ghn2_imagenet.pt", "GHN-2, ImageNet (ppuda)", 9.3, url=f"{_PPUDA}/ghn2_imagenet.pt"),
+    "ghn2-cifar10": NamedGHN("facebookresearch/ppuda", "ghn2_cifar10.pt", "GHN-2, CIFAR-10 (ppuda)", 6.5, url=f"{_PPUDA}/ghn2_cifar10.pt"),
 }
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -60,6 +70,8 @@ def download_named_ghn(name: str) -> Path:
     entry = NAMED_GHNS.get(name)
     if entry is None:
         raise CheckpointError(f"unknown GHN name {name!r}; known names: {', '.join(NAMED_GHNS)}, or pass a file path")
+    if entry.url is not None:
+        return _download_url(name, entry)
     hint = (
         f"download {entry.filename} from the Hugging Face repo {entry.repo_id} on a machine with "
         f"internet and pass --ghn PATH (Python: ghn=PATH)"
@@ -87,3 +99,32 @@ def download_named_ghn(name: str) -> Path:
         logger.warning("GHN %r (%s) has no SHA-256 to verify against", name, path)
     logger.info("resolved GHN %r to %s", name, path)
     return path
+
+
+def _download_url(name: str, entry: NamedGHN) -> Path:
+    """Download a GHN published outside the Hub into ``$HF_HUB_CACHE/timm_ghn-urls`` once.
+
+    Honours ``HF_HUB_OFFLINE``: offline, only an already cached file is returned.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import http_get
+
+    target = Path(constants.HF_HUB_CACHE) / "timm_ghn-urls" / entry.repo_id.replace("/", "--") / entry.filename
+    if target.is_file():
+        return target
+    hint = f"download {entry.url} on a machine with internet and pass --ghn PATH (Python: ghn=PATH)"
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"GHN {name!r} is not cached at {target} and HF_HUB_OFFLINE is set; {hint}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.incomplete")
+    try:
+        with open(temporary, "wb") as handle:
+            http_get(entry.url, handle)
+        temporary.replace(target)
+    except OSError as error:
+        raise CheckpointError(f"downloading GHN {name!r} from {entry.url} failed ({error}); {hint}") from error
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    logger.info("downloaded GHN %r to %s", name, target)
+    return target
