@@ -447,3 +447,19 @@ def test_forbidden_repo_read_is_error(hub, entry, request_key):
     assert REPO in message
     assert "read access" in message
     assert not list(cache_dir().glob("*.safetensors"))
+
+
+def test_push_two_entries_one_commit(hub, entry, capsys):
+    put_in_cache(entry)
+    second = resolve_initialization(MODEL, ghn=IMAGENET_GHN, seed=1, hub_repo=[])
+    assert second.source == "predicted"
+
+    assert run("push", REPO) == 0
+
+    repo = hub.repo(REPO)
+    assert len(repo.commits) == 2
+    assert repo.commits[-1][1] == "Add 2 timm_ghn initializations"
+    index = json.loads(repo.files["index.json"])
+    assert sorted(index["entries"]) == sorted([entry.name.split("-")[-1].removesuffix(".safetensors"), second.request.key])
+    card = repo.files["README.md"].decode()
+    assert card.count("| test_resnet | ghn_orth |") == 2

@@ -360,7 +360,12 @@ def push_entries(repo_id: str, paths: Sequence[str | os.PathLike], *, private: b
         HubAccessError, HubUnavailableError: see :func:`hub_error`.
         TimmGhnError: a path is not a cache entry.
     """
-    records = dict(_index_entry(Path(path)) for path in paths)
+    sources: dict[str, Path] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        key, record = _index_entry(Path(path))
+        records[key] = record
+        sources[key] = Path(path)
     if not records:
         raise TimmGhnError("nothing to push: the cache is empty; run `timm-ghn predict MODEL` first")
     if is_offline_mode():
@@ -380,8 +385,10 @@ def push_entries(repo_id: str, paths: Sequence[str | os.PathLike], *, private: b
     index["format"] = INDEX_FORMAT
     index["entries"].update(new)
 
-    sources = {record["filename"]: Path(path) for path in paths for key, record in [_index_entry(Path(path))] if key in new}
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(source)) for name, source in sorted(sources.items())]
+    operations = [
+        CommitOperationAdd(path_in_repo=record["filename"], path_or_fileobj=str(sources[key]))
+        for key, record in sorted(new.items())
+    ]
     operations.append(CommitOperationAdd(INDEX_FILENAME, json.dumps(index, indent=1, sort_keys=True).encode() + b"\n"))
     operations.append(CommitOperationAdd(CARD_FILENAME, model_card(repo_id, index).encode()))
     names = ", ".join(f"{record['model_name']} {record['method']} ({key[:12]})" for key, record in sorted(new.items()))
