@@ -334,3 +334,13 @@ def test_unreadable_entry_is_error(entry):
         LocalCache().lookup(request)
 
     assert blocking.is_dir()
+
+
+def test_no_cache_with_push_rejected(tmp_path, capsys):
+    output = tmp_path / "x.safetensors"
+
+    status = main(["predict", MODEL, "--ghn", str(IMAGENET_GHN), "-o", str(output), "--no-cache", "--push-to-hub", "team/inits"])
+
+    assert status == 1
+    assert "--push-to-hub cannot be combined with --no-cache" in capsys.readouterr().err
+    assert not output.exists()

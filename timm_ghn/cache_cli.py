@@ -17,7 +17,7 @@ from timm_ghn.hub import HUB_REPO_ENV, download_by_key, download_entry, hub_repo
 from timm_ghn.pipeline import InitReport
 from timm_ghn.resolve import copy_entry, resolve_initialization
 
-__all__ = ["add_predict_options", "predict_with_cache", "prediction_line", "register_commands"]
+__all__ = ["add_predict_options", "check_cache_options", "predict_with_cache", "prediction_line", "register_commands"]
 
 # Options of ``predict`` that determine an entry's key; ``pull`` takes the same ones.
 _KEY_OPTIONS = ("model", "method", "ghn", "num_classes", "model_kwargs", "beta", "start_layer", "variant", "seed", "predict_classifier")
@@ -37,6 +37,13 @@ def add_predict_options(predict: argparse.ArgumentParser) -> None:
         "--push-to-hub", default=None, metavar="REPO_ID",
         help="upload the entry to this Hub model repo (created if needed; needs a write token)",
     )
+
+
+def check_cache_options(args: argparse.Namespace) -> None:
+    """Reject ``--no-cache`` together with ``--hub-repo`` or ``--push-to-hub``, which need the cache."""
+    if args.no_cache and (args.hub_repo or args.push_to_hub):
+        given = "--push-to-hub" if args.push_to_hub else "--hub-repo"
+        raise InvalidOptionError(f"{given} cannot be combined with --no-cache, because Hub entries go through the cache; drop one of them")
 
 
 def predict_with_cache(args: argparse.Namespace, kwargs: dict, device, output: Path) -> int:

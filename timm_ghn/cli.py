@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from timm_ghn import evaluate, train
-from timm_ghn.cache_cli import add_predict_options, predict_with_cache, prediction_line, register_commands
+from timm_ghn.cache_cli import add_predict_options, check_cache_options, predict_with_cache, prediction_line, register_commands
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import check_output_path
 from timm_ghn.hypernet import save_ghn
@@ -148,6 +148,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     # Fail on an unusable output path before spending time on the prediction.
     check_output_path(output.expanduser())
+    check_cache_options(args)
     if not args.no_cache:
         return predict_with_cache(args, kwargs, device, output)
 

@@ -76,6 +76,8 @@ def pretrained_cfg_overlay(
         kwargs["num_classes"] = num_classes
 
     if not use_cache:
+        if hub_repo or push_to_hub:
+            raise TimmGhnError("hub_repo and push_to_hub need the cache, so they cannot be combined with use_cache=False; drop one of them")
         if output is None:
             raise TimmGhnError("use_cache=False needs an output path: pass output=PATH")
         model, report = initialize_model(model_name, method=method, ghn=ghn, model_kwargs=kwargs, **options)
