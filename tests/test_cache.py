@@ -344,3 +344,8 @@ def test_no_cache_with_push_rejected(tmp_path, capsys):
     assert status == 1
     assert "--push-to-hub cannot be combined with --no-cache" in capsys.readouterr().err
     assert not output.exists()
+
+
+def test_default_ghn_from_environment(monkeypatch):
+    monkeypatch.setenv("TIMM_GHN_CHECKPOINT", str(IMAGENET_GHN))
+    assert key_of(ghn=None) == key_of()

@@ -44,7 +44,7 @@ from huggingface_hub import constants as hf_constants
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import METADATA_PREFIX, encode_json
 from timm_ghn.hypernet.checkpoint import LoadedGHN, file_sha256
-from timm_ghn.pipeline import GHN_ENV, _check_options, check_model_name, resolve_ghn
+from timm_ghn.pipeline import DEFAULT_GHN, GHN_ENV, _check_options, check_model_name, resolve_ghn
 from timm_ghn.postprocess import default_start_layer, weight_modules
 from timm_ghn.registry import download_named_ghn, is_named_ghn
 
@@ -230,15 +230,19 @@ def ghn_digest(ghn: str | os.PathLike | LoadedGHN | None) -> tuple[str, str | os
     A path, or the name of a released GHN (see :mod:`timm_ghn.registry`), is hashed without
     loading the network, and the digest is kept for the life of the process while the file's
     device, inode, size and modification time stay the same. ``None`` means
-    ``$TIMM_GHN_CHECKPOINT``; without it, :func:`timm_ghn.pipeline.resolve_ghn` decides.
+    ``$TIMM_GHN_CHECKPOINT``, else the bundled :data:`timm_ghn.pipeline.DEFAULT_GHN`, as in
+    :func:`timm_ghn.pipeline.resolve_ghn`.
     """
     if isinstance(ghn, LoadedGHN):
         return ghn.sha256, ghn
     if ghn is None:
         ghn = os.environ.get(GHN_ENV) or None
     if ghn is None:
-        loaded = resolve_ghn(None)
-        return loaded.sha256, loaded
+        if not DEFAULT_GHN.is_file():
+            # resolve_ghn raises the project's error for a missing bundled GHN, with the fix.
+            loaded = resolve_ghn(None)
+            return loaded.sha256, loaded
+        ghn = str(DEFAULT_GHN)
 
     path = os.path.expanduser(ghn)
     if isinstance(ghn, str) and is_named_ghn(ghn) and not os.path.exists(path):
