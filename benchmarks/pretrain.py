@@ -1,7 +1,7 @@
 """Measure GHN training throughput: architectures and images per second of ``timm-ghn pretrain``.
 
 The script runs :func:`timm_ghn.train.train` for ``--steps`` steps on the CIFAR-10 JPEG archive
-(five classes) or, when the archive is missing, on a generated ImageFolder of random images, and
+(five classes), or on a generated ImageFolder of random images when the archive is missing. It
 reads the per-step wall times that the trainer stores in its ``.state.pt`` history. The first
 ``--skip`` steps are left out because they build the graphs of architectures seen for the first
 time. One step predicts the parameters of ``--arch-batch`` networks, runs ``--image-batch``

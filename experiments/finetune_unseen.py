@@ -2,11 +2,11 @@
 
 For each architecture and seed the script compares timm's default init with ``ghn_orth`` from a
 GHN (the bundled one by default): the GHN predicts every parameter, GHN-orth then adds noise and
-orthogonalises the deepest third of the layers, and the classifier keeps timm's init because the
+orthogonalises the deepest third of the layers. The classifier keeps timm's init, because the
 new classes have nothing to do with the GHN's. Both networks are then trained with the same
-recipe (AdamW, cosine schedule, random crop and flip) on ``--shots`` training images per class of
-the five CIFAR-10 classes that the bundled GHN was not trained on (dog, frog, horse, ship, truck),
-and evaluated on all test images of those classes after every epoch.
+recipe (AdamW, cosine schedule, random crop and flip) on ``--shots`` training images per class.
+The classes are the five CIFAR-10 classes that the bundled GHN was not trained on (dog, frog,
+horse, ship, truck), and all their test images are evaluated after every epoch.
 
 Accuracies use BatchNorm batch statistics on shuffled batches of 100 images at every epoch,
 including epoch 0 (before any training), where running statistics do not exist yet for a

@@ -265,3 +265,34 @@ def test_ddp_two_gloo_processes(image_folder, tmp_path):
     distributed = load_ghn(output).model
     differs = [n for n, v in single.state_dict().items() if not torch.allclose(v, distributed.state_dict()[n])]
     assert differs
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def test_evaluate_ghn_prints_table(image_folder, tmp_path, capsys):
+    from timm_ghn.cli import main
+
+    output = tmp_path / "ghn.safetensors"
+    train(_config(image_folder, output, steps=1))
+    status = main([
+        "evaluate-ghn", str(image_folder), "--ghn", str(output), "--split", "train", "--image-size", "16",
+        "--architectures", "resnet-basic-s,vit-p4-d6", "--batch-size", "12",
+    ])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert "classes ant, bee, cat" in lines[0]
+    assert lines[1].startswith("| architecture | family |")
+    assert lines[3].startswith("| resnet-basic-s | resnet |")
+    assert lines[4].startswith("| vit-p4-d6 | vit |")
+    assert lines[5].startswith("| **mean of 2** |")
+
+
+def test_evaluate_rejects_class_mismatch(image_folder, tmp_path):
+    from timm_ghn.evaluate import evaluate_ghn
+
+    data = load_image_folder(image_folder, classes=["ant", "bee"], image_size=16)
+    ghn = GHN2(GHNConfig(max_shape=(16, 16, 3, 3), num_classes=3, hid=16))
+    with pytest.raises(InvalidOptionError, match="3-class heads but the dataset has 2 classes"):
+        evaluate_ghn(ghn, data, ["resnet-basic-s"], image_size=16)

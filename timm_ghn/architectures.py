@@ -11,6 +11,7 @@ seed gives the same sequence of specs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -53,8 +54,6 @@ class ArchitectureSpec:
         """Return the name if the spec has one, else the family with a short hash of the key."""
         if self.name:
             return self.name
-        import hashlib
-
         return f"{self.family}-{hashlib.sha1(self.key().encode()).hexdigest()[:8]}"
 
     def build(self, num_classes: int, img_size: int = 32) -> nn.Module:
@@ -430,8 +429,8 @@ class ArchitectureSampler:
     def sample(self, family: str | None = None, max_tries: int = 200) -> ArchitectureSpec:
         """Draw one spec whose parameter count lies in ``[min_params, max_params]``.
 
-        A draw above the budget is redrawn with widths scaled down by 0.8, one below it with
-        widths scaled up by 1.25 (at most 1), so every family reaches both ends of the budget.
+        A draw above the budget is redrawn with widths scaled down by 0.8, and one below it with
+        widths scaled up by 1.25 (up to the family's own widths at scale 1).
 
         Raises:
             InvalidOptionError: no draw fitted the budget within ``max_tries``.
@@ -459,5 +458,5 @@ class ArchitectureSampler:
         )
 
     def sample_many(self, count: int) -> list[ArchitectureSpec]:
-        """Draw ``count`` specs, cycling through the families in a seeded random order."""
+        """Draw ``count`` specs, each from a family chosen uniformly at random."""
         return [self.sample() for _ in range(count)]

@@ -14,7 +14,7 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DatasetError(TimmGhnError, ValueError):
-    """An image dataset path is missing, has the wrong layout, or holds no images."""
+    """An image dataset path is missing, has the wrong layout, or contains no images."""
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ class ImageDataset:
         return self.subset(torch.cat(chosen).sort().values)
 
 
-def _split_root(entries: Iterable[str], split: str | None) -> str:
+def _split_root(split: str | None) -> str:
     return f"{split.strip('/')}/" if split else ""
 
 
@@ -96,7 +96,7 @@ def _class_of(name: str, prefix: str) -> tuple[str, str] | None:
 
 def _list_members(path: Path, split: str | None) -> tuple[dict[str, list[str]], zipfile.ZipFile | None]:
     """Map class name -> sorted image paths (relative to the split root) of a directory or zip."""
-    prefix = _split_root((), split)
+    prefix = _split_root(split)
     members: dict[str, list[str]] = {}
     if path.is_dir():
         root = path / prefix if prefix else path
@@ -188,7 +188,7 @@ def load_image_folder(
         arrays: list[np.ndarray] = []
         labels: list[int] = []
         root = path / split if (archive is None and split) else path
-        prefix = _split_root((), split)
+        prefix = _split_root(split)
         for label, name in enumerate(names):
             files = members[name][:max_per_class] if max_per_class else members[name]
             for relative in files:

@@ -1,9 +1,9 @@
 """Training a GHN-2 on an image dataset over sampled timm architectures (``timm-ghn pretrain``).
 
-Each step draws a batch of architectures from a seeded pool (:mod:`timm_ghn.architectures`),
-predicts all their parameters with the GHN (:func:`timm_ghn.predict.predict_tensors`), classifies
-a batch of augmented images with every network through ``torch.func.functional_call`` and updates
-the GHN with the mean cross-entropy over the networks. The networks' BatchNorm layers use batch
+Each step draws a batch of architectures from a seeded pool (:mod:`timm_ghn.architectures`) and
+predicts all their parameters with the GHN (:func:`timm_ghn.predict.predict_tensors`). Every
+network classifies its own batch of augmented images through ``torch.func.functional_call``, and
+the mean cross-entropy over the networks updates the GHN. The networks' BatchNorm layers use batch
 statistics, since the GHN predicts no running statistics.
 
 Checkpoints are a GHN file in the project's safetensors format (loadable by ``timm-ghn predict
@@ -91,8 +91,8 @@ class TrainConfig:
 class ArchitecturePool:
     """A fixed, seeded list of sampled architectures with their graphs built on first use.
 
-    Graph building takes about 0.03 to 0.1 s per network on a CPU, so graphs are cached; models are
-    rebuilt at every use because a pool of thousands of models would not fit in memory.
+    Building a graph takes about 0.03 to 0.1 s per network on a CPU, so graphs are cached. Models
+    are rebuilt at every use, because a pool of thousands of models would not fit in memory.
     """
 
     def __init__(self, sampler: ArchitectureSampler, count: int, num_classes: int, image_size: int, ve_cutoff: int,
@@ -124,10 +124,10 @@ class ArchitecturePool:
 class GHNLoss(nn.Module):
     """The GHN with the training loss in ``forward``, so that ``DistributedDataParallel`` can wrap it.
 
-    ``forward(models, graphs, images, labels)`` predicts the parameters of every model, runs
-    ``images[i]`` through model ``i`` and returns the mean cross-entropy over the models plus
-    ``param_penalty`` times the mean over models of the summed L2 norms of the predicted tensors,
-    together with the mean cross-entropy and top-1 accuracy (detached).
+    ``forward(models, graphs, images, labels)`` predicts the parameters of every model and runs
+    ``images[i]`` through model ``i``. It returns the loss, the mean cross-entropy over the models
+    and their mean top-1 accuracy (both detached). The loss is the mean cross-entropy plus
+    ``param_penalty`` times the mean over models of the summed L2 norms of the predicted tensors.
     """
 
     def __init__(self, ghn: GHN2, label_smoothing: float = 0.1, param_penalty: float = 0.0) -> None:
@@ -273,7 +273,7 @@ def train(config: TrainConfig) -> GHN2:
     ``steps``.
 
     Raises:
-        DatasetError: the data path is missing, unreadable or holds no images.
+        DatasetError: the data path is missing, unreadable or contains no images.
         InvalidOptionError: an option is out of range, or a resumed run has another GHN config.
     """
     _check_config(config)
