@@ -60,8 +60,17 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike, metadata: Mapping
     directory = check_output_path(path)
 
     tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
     for name, tensor in model.state_dict().items():
-        tensors[name] = tensor.detach().to("cpu", copy=True).contiguous()
+        tensor = tensor.detach()
+        # Copy only what safetensors cannot write as is: GPU tensors, strided views and tensors
+        # that share storage with one already listed (tied weights). The rest is written in place.
+        storage = tensor.untyped_storage().data_ptr() if tensor.device.type == "cpu" else None
+        if storage is None or storage in storages or not tensor.is_contiguous():
+            tensor = tensor.to("cpu", copy=True).contiguous()
+            storage = tensor.untyped_storage().data_ptr()
+        storages.add(storage)
+        tensors[name] = tensor
     header = {"format": "pt", **{str(k): str(v) for k, v in metadata.items()}}
 
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
