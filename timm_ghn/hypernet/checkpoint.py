@@ -131,6 +131,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return state_dict, config
 
 
+#: Byte alignment of every loaded GHN tensor (that of torch's CPU allocator).
+ALIGNMENT = 64
+
 _GHN3_TABLES = ("centrality_embed_in.weight", "centrality_embed_out.weight", "input_dist_embed.weight")
 _GHN2_DECODER_CONVS = ("decoder.conv.0.weight", "decoder.conv.2.weight", "decoder.class_layer_predictor.1.weight")
 
@@ -247,10 +250,15 @@ def load_ghn(path: str | os.PathLike, device: str | torch.device = "cpu") -> Loa
 
 
 def _aligned_float(tensor: torch.Tensor) -> torch.Tensor:
-    """Float32 tensor whose data is aligned to its element size (copied only when it is not)."""
+    """Float32 tensor whose data starts on a 64-byte boundary (copied only when it does not).
+
+    BLAS kernels may round differently for differently aligned inputs, so equal weights read from
+    different files (a container and its converted safetensors) could predict slightly different
+    tensors. torch's own allocations are 64-byte aligned, and so is every tensor returned here.
+    """
     if tensor.dtype != torch.float32:
         return tensor.float()
-    if tensor.data_ptr() % tensor.element_size():
+    if tensor.data_ptr() % ALIGNMENT:
         return tensor.clone()
     return tensor
 

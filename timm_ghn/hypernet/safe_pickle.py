@@ -15,9 +15,9 @@ globals and implements each of them itself:
 * ``torch.<Type>Storage`` inside the nested stream, for the storage dtypes below.
 
 Any other global raises :class:`~timm_ghn.errors.CheckpointError` naming it; nothing is imported
-or called. The file is memory-mapped copy-on-write and tensors alias the mapping where their data is aligned
-(pages are read on first use). Misaligned tensors are copied and their mapped pages released, so
-loading holds about one copy of the weights.
+or called. The file is memory-mapped copy-on-write and tensors alias the mapping where their data starts on a
+64-byte boundary (pages are read on first use). Other tensors are copied and their mapped pages
+released, so loading holds about one copy of the weights.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
     "ByteStorage": torch.uint8,
     "BoolStorage": torch.bool,
 }
+
+# Tensors whose data starts on this byte boundary alias the mapping; others are copied (torch's
+# CPU allocator aligns to 64 bytes, so every tensor gets the alignment of a fresh allocation).
+_ALIGNMENT = 64
 
 # Reads at least this long return a view of the mapped file instead of a copy.
 _ZERO_COPY_BYTES = 1 << 16
@@ -134,7 +138,7 @@ class _NestedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 def _load_storage(blob, where: str, reader: _MappedReader | None = None) -> torch.Tensor:
     """Parse one nested legacy ``torch.save`` stream of a single storage into a 1-D tensor.
 
-    The tensor aliases ``blob`` when its data is aligned to the element size. Otherwise it is
+    The tensor aliases ``blob`` when its data starts on a 64-byte boundary. Otherwise it is
     copied, and when ``blob`` is a view of ``reader``'s memory map the mapped pages of that range
     are released, so the file's data is held once either way.
     """
@@ -171,7 +175,7 @@ def _load_storage(blob, where: str, reader: _MappedReader | None = None) -> torc
         # A small blob is a read-only bytes copy; a large one a view of a copy-on-write mapping.
         warnings.simplefilter("ignore", UserWarning)
         tensor = torch.frombuffer(view, dtype=record.dtype, count=count, offset=offset)
-    if tensor.data_ptr() % itemsize == 0:
+    if tensor.data_ptr() % _ALIGNMENT == 0:
         return tensor
     base = reader.offsets.get(id(blob)) if reader is not None else None
     return _copy_releasing_pages(tensor, reader.mapping if base is not None else None, (base or 0) + offset)
