@@ -23,6 +23,8 @@ from timm_ghn.export import check_output_path
 from timm_ghn.hypernet import save_ghn
 from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, resolve_ghn, write_initialization
 from timm_ghn.registry import NAMED_GHNS
+from timm_ghn.study import command as study_command
+from timm_ghn.study import diagnose
 
 __all__ = ["build_parser", "main"]
 
@@ -110,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_parser(commands)
     evaluate.add_parser(commands)
     _add_convert_parser(commands)
+    study_command.add_parser(commands)
+    diagnose.add_parser(commands)
     return parser
 
 
