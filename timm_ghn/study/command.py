@@ -80,6 +80,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--val-every", type=int, default=None, help="epochs between validation measurements in the final runs")
     parser.add_argument("--eval-batch-size", type=int, default=250, help="images per evaluation batch (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", help="where models train and the GHN runs: cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.set_defaults(handler=run)
     return parser
@@ -87,6 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace):
     """Return the :class:`~timm_ghn.study.runner.StudyConfig` of parsed arguments over their preset."""
+    from timm_ghn.cli import _parse_device
     from timm_ghn.study.runner import StudyConfig
 
     values = preset_values(args.preset)
@@ -118,7 +120,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, output=args.output, ghn=args.ghn, pretrained=pretrained, classes=args.classes,
         train_per_class=args.train_per_class, val_size=args.val_size, test_per_class=args.test_per_class,
         split_seed=args.split_seed, stored_size=args.stored_size, eval_batch_size=args.eval_batch_size,
-        threads=args.threads, preset=args.preset, **values,
+        threads=args.threads, device=str(_parse_device(args.device)), preset=args.preset, **values,
     )
 
 
@@ -129,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     config.check()
-    ghn = resolve_ghn(config.ghn) if {"ghn", "ghn_orth"} & set(config.inits) else None
+    ghn = resolve_ghn(config.ghn, config.device) if {"ghn", "ghn_orth"} & set(config.inits) else None
     outcome = run_study(config, ghn, progress=args.progress)
     if ghn is not None:
         print(f"GHN {ghn.name} (sha256 {ghn.sha256[:12]}); {outcome.trained} runs trained, {outcome.reused} reused")

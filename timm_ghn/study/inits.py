@@ -132,6 +132,7 @@ def build_model(
     beta: float = 3e-5,
     start_layer: str | int | float | None = None,
     pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Build ``model_name`` with the initialization ``init`` and a fresh ``num_classes`` head.
 
@@ -145,9 +146,10 @@ def build_model(
         beta: GHN-orth noise scale β (``ghn_orth`` only).
         start_layer: GHN-orth start layer, see :func:`resolve_start_layer` (``ghn_orth`` only).
         pretrained: checkpoint file, required by ``oracle``.
+        device: where the model lives and the GHN runs (``cpu``, ``cuda``).
 
     Returns:
-        The model in training mode and a dict of what the init did (resolved start layer,
+        The model in training mode, on ``device``, and a dict of what the init did (resolved start layer,
         predicted fraction) for the results file.
     """
     if init not in INITS:
@@ -163,7 +165,7 @@ def build_model(
                 raise InvalidOptionError(f"the oracle init of {model_name} needs a checkpoint; pass --pretrained {model_name}=FILE")
             _load_oracle_(model, pretrained)
             info["pretrained"] = str(pretrained)
-        return model.train(), info
+        return model.to(device).train(), info
 
     if ghn is None:
         raise InvalidOptionError(f"the {init} init needs a GHN; pass --ghn CHECKPOINT")
@@ -179,6 +181,7 @@ def build_model(
         beta=beta,
         start_layer=resolved,
         seed=seed,
+        device=device,
         predict_classifier=False,
         model_kwargs=kwargs,
     )

@@ -119,6 +119,7 @@ def plot_curves(records: Sequence[dict[str, Any]], model: str, path: Path) -> Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     inits = list(dict.fromkeys(r["init"] for r in records if r["model"] == model and r["phase"] == "final"))
@@ -141,6 +142,7 @@ def plot_curves(records: Sequence[dict[str, Any]], model: str, path: Path) -> Pa
     axes[1].set_title(f"{model}: validation accuracy")
     for axis in axes:
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("top-1 accuracy (%)")
     axes[1].legend()

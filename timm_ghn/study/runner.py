@@ -82,6 +82,7 @@ class StudyConfig:
     val_every: int = 1
     eval_batch_size: int = 250
     threads: int | None = None
+    device: str = "cpu"
     preset: str | None = None
 
     def check(self) -> None:
@@ -236,6 +237,7 @@ def train_run(
     ghn: LoadedGHN | None,
     pretrained: str | None,
     eval_batch_size: int,
+    device: str = "cpu",
     progress: tqdm | None = None,
 ) -> dict[str, Any]:
     """Build, fine-tune and measure one run; return its record.
@@ -248,7 +250,7 @@ def train_run(
     model, init_info = build_model(
         spec["model"], spec["init"], num_classes=len(train.classes), image_size=settings.image_size,
         seed=spec["seed"], ghn=ghn, beta=settings.beta if settings.beta is not None else 0.0,
-        start_layer=settings.start_layer, pretrained=pretrained,
+        start_layer=settings.start_layer, pretrained=pretrained, device=device,
     )
 
     def show(metrics) -> None:
@@ -322,7 +324,7 @@ def run_study(config: StudyConfig, ghn: LoadedGHN | None = None, progress: bool 
         "split": split_hash,
         "test_size": len(data.test),
     }
-    kwargs = {"ghn": ghn, "eval_batch_size": config.eval_batch_size}
+    kwargs = {"ghn": ghn, "eval_batch_size": config.eval_batch_size, "device": config.device}
 
     total = sum(len(config.grid(m, i)) + len(config.seeds) for m in config.models for i in config.inits)
     counts = {"trained": 0, "reused": 0}

@@ -91,7 +91,7 @@ class EpochMetrics:
 
 
 def _model_input(images: torch.Tensor, image_size: int, device: torch.device) -> torch.Tensor:
-    x = normalize_batch(images).to(device)
+    x = normalize_batch(images.to(device))
     if x.shape[-1] != image_size or x.shape[-2] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return x
