@@ -281,3 +281,50 @@ def test_diagnose_cli_writes_plots(tmp_path):
     assert set(result["inits"]) == {"rand", "orth", "ghn", "ghn_orth"}
     assert result["embeddings"]["names"] == ["test_resnet", "resnet18", "test_vit"]
     assert np.asarray(result["embeddings"]["pca"]).shape == (3, 2)
+
+
+# Classes, oracle and command-line settings
+
+
+def test_target_classes_exclude_ghn_classes(tiny_data, tiny_ghn, tmp_path):
+    from timm_ghn import load_ghn
+    from timm_ghn.hypernet import save_ghn
+    from timm_ghn.train import METADATA_PREFIX
+
+    path = save_ghn(tiny_ghn.model, tmp_path / "ghn.safetensors", {METADATA_PREFIX + "classes": json.dumps(["cat"])})
+
+    assert runner.target_classes(tiny_data, load_ghn(path)) == ["dog", "frog"]
+    assert runner.target_classes(tiny_data, tiny_ghn) == CLASSES
+
+
+def test_oracle_loads_body_keeps_head(tmp_path):
+    from safetensors.torch import save_file
+
+    source, _ = build_model(TINY_MODEL, "rand", num_classes=7, seed=11)
+    path = tmp_path / "pretrained.safetensors"
+    save_file(source.state_dict(), str(path))
+    oracle, _ = build_model(TINY_MODEL, "oracle", num_classes=3, seed=2, pretrained=path)
+    fresh, _ = build_model(TINY_MODEL, "rand", num_classes=3, seed=2)
+
+    assert torch.equal(oracle.conv1[0].weight, source.conv1[0].weight)
+    assert torch.equal(oracle.fc.weight, fresh.fc.weight)
+
+
+def test_cli_options_override_preset(tmp_path):
+    from timm_ghn.cli import build_parser
+    from timm_ghn.study.command import config_from_args
+
+    args = build_parser().parse_args([
+        "study", "data.zip", "-o", str(tmp_path), "--batch-size", "resnet18=32", "--lr", "0.2",
+        "--optimizers", "sgd,adamw", "--weight-decay", "sgd=0.001", "--weight-decay", "adamw=0.05",
+        "--pretrained", "resnet18=r18.pth", "--seeds", "4,5",
+    ])
+    config = config_from_args(args)
+
+    assert config.batch_size == {"resnet18": 32, "convnext_atto": 64}
+    assert config.lrs == {"sgd": [0.2], "adamw": [0.2]}
+    assert config.weight_decays == {"sgd": [0.001], "adamw": [0.05]}
+    assert config.inits[-1] == "oracle"
+    assert config.pretrained == {"resnet18": "r18.pth"}
+    assert config.seeds == [4, 5]
+    assert config.epochs == 15

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -162,7 +163,9 @@ def write_reports(output: Path, config: "StudyConfig", data: "StudyData", record
                   "file": "splits.json"},
         "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
                         "timm_ghn": timm_ghn.__version__, "machine": platform.machine(),
-                        "processor": platform.processor(), "threads": torch.get_num_threads()},
+                        "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                        "threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
         "summary": [{**dataclasses.asdict(c), "test_mean": c.mean, "test_std": c.std} for c in cells],
         "runs": list(records),
     }
