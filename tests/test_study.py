@@ -328,3 +328,18 @@ def test_cli_options_override_preset(tmp_path):
     assert config.pretrained == {"resnet18": "r18.pth"}
     assert config.seeds == [4, 5]
     assert config.epochs == 15
+
+
+def test_fine_tune_stops_on_nan_loss(caplog):
+    from timm_ghn.data import ImageDataset
+    from timm_ghn.study.training import TrainSettings, fine_tune
+
+    model, _ = build_model(TINY_MODEL, "rand", num_classes=3)
+    with torch.no_grad():
+        model.fc.weight.fill_(float("nan"))
+    images = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    dataset = ImageDataset(images, torch.arange(8) % 3, CLASSES, "random")
+    history = fine_tune(model, dataset, TrainSettings("sgd", 0.1, 0.0, 2, 4, 32), seed=0, val=dataset)
+
+    assert history == []
+    assert "training stopped" in caplog.text

@@ -46,6 +46,8 @@ class CellSummary:
     start_layer: int | None
     test_accs: list[float]
     val_accs: list[float]
+    diverged: int = 0
+    """Final runs stopped early by a non-finite loss; their test accuracy still counts."""
 
     @property
     def mean(self) -> float:
@@ -68,6 +70,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> list[CellSummary]:
             cells[key] = CellSummary(record["model"], record["init"], record["num_params"], record["settings"],
                                      record["init_info"].get("start_layer"), [], [])
         cells[key].test_accs.append(record["test_acc"])
+        cells[key].diverged += int(record["diverged"])
         cells[key].val_accs.append(record["val_acc"] if record["val_acc"] is not None else float("nan"))
     return list(cells.values())
 
@@ -104,12 +107,12 @@ def format_table(cells: Sequence[CellSummary]) -> str:
                 row.append(f"{100 * cell.mean:.1f}")
         lines.append("| " + " | ".join(row) + " |")
 
-    lines += ["", "| architecture | init | seeds | chosen settings | validation accuracy (%) |",
-              "| --- | --- | ---: | --- | ---: |"]
+    lines += ["", "| architecture | init | seeds | diverged | chosen settings | validation accuracy (%) |",
+              "| --- | --- | ---: | ---: | --- | ---: |"]
     for cell in cells:
         val = statistics.fmean(cell.val_accs)
         lines.append(f"| {cell.model} | {INIT_LABELS.get(cell.init, cell.init)} | {len(cell.test_accs)} | "
-                     f"{_settings_text(cell)} | {100 * val:.1f} |")
+                     f"{cell.diverged} | {_settings_text(cell)} | {100 * val:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -158,7 +158,7 @@ def fine_tune(
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
-                logger.warning("loss became %s at epoch %d, step %d (lr %.3g): training stopped", float(loss), epoch, step, lr)
+                logger.warning("loss became %s at epoch %d, step %d (lr %.3g): training stopped", loss.item(), epoch, step, lr)
                 return history
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
