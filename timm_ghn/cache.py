@@ -302,6 +302,8 @@ def make_request(
     if method == "ghn_orth":
         if start_layer is None:
             start_layer = default_start_layer(architecture.num_weight_layers, model_name, variant)
+        # Layers are numbered from 1, and 0 means the same as 1, so both give one key.
+        start_layer = max(1, int(start_layer))
         options = {"beta": float(beta), "start_layer": start_layer, "variant": variant}
     else:
         options = {"beta": None, "start_layer": None, "variant": None}
@@ -444,6 +446,8 @@ class LocalCache:
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise TimmGhnError(f"the cache directory {self.root} is not a directory; set {CACHE_ENV} to a directory")
 
     def path_for(self, request: InitRequest) -> Path:
         """Return where the entry for ``request`` is stored (whether or not it exists)."""
@@ -451,6 +455,8 @@ class LocalCache:
 
     def ensure_root(self) -> None:
         """Create the cache directory and its ``.locks`` folder if they are missing."""
+        if self.root.exists() and not self.root.is_dir():
+            raise TimmGhnError(f"the cache directory {self.root} is not a directory; set {CACHE_ENV} to a directory")
         try:
             (self.root / ".locks").mkdir(parents=True, exist_ok=True)
         except OSError as error:

@@ -164,8 +164,6 @@ def _run_pull(args: argparse.Namespace) -> int:
             raise InvalidOptionError(f"invalid --num-classes {args.num_classes}: expected an integer >= 1")
         kwargs["num_classes"] = args.num_classes
     repos = hub_repos(args.hub_repo)
-    if not repos:
-        raise TimmGhnError(f"no Hub repo given: pass --hub-repo REPO_ID or set {HUB_REPO_ENV}")
     request, _ = make_request(
         args.model, method=args.method, ghn=args.ghn, beta=args.beta, start_layer=args.start_layer,
         variant=args.variant, seed=args.seed, predict_classifier=args.predict_classifier, model_kwargs=kwargs,
@@ -181,6 +179,11 @@ def _run_pull(args: argparse.Namespace) -> int:
                     break
                 path = download_entry(repo_id, request, cache)
                 source = f"Hub repo {repo_id}"
+    if path is None and not repos:
+        raise TimmGhnError(
+            f"no entry for {args.model} {args.method} with key {request.key[:12]} in the local cache and no Hub "
+            f"repo given: pass --hub-repo REPO_ID (or set {HUB_REPO_ENV}), or create it with `timm-ghn predict`"
+        )
     if path is None:
         raise TimmGhnError(
             f"no entry for {args.model} {args.method} with key {request.key[:12]} in {', '.join(repos)}; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def _parse_kwargs(text: str | None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="timm-ghn",
-        description="Initialize timm models with parameters predicted by a Graph HyperNetwork (GHN-2) "
+        description="Initialize timm models with parameters predicted by a Graph HyperNetwork (GHN-2 or GHN-3) "
         "and optionally post-processed with GHN-orth.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v: info, -vv: debug)")
@@ -133,6 +134,9 @@ def _add_convert_parser(commands) -> None:
 def _run_convert(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     check_output_path(output)
+    source = Path(args.checkpoint).expanduser()
+    if source.is_file() and output.exists() and os.path.samefile(source, output):
+        raise TimmGhnError(f"-o {output} is the input checkpoint; choose another output file")
     start = time.perf_counter()
     loaded = resolve_ghn(args.checkpoint)
     path = save_ghn(loaded.model, output, {"timm_ghn.source_sha256": loaded.sha256, "timm_ghn.source_name": loaded.name})
@@ -147,6 +151,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     if args.num_classes is not None:
         if args.num_classes < 1:
             raise InvalidOptionError(f"invalid --num-classes {args.num_classes}: expected an integer >= 1")
+        if kwargs.get("num_classes", args.num_classes) != args.num_classes:
+            raise InvalidOptionError(
+                f"--num-classes {args.num_classes} conflicts with num_classes {kwargs['num_classes']} in --model-kwargs; give one"
+            )
         kwargs["num_classes"] = args.num_classes
     output = Path(args.output) if args.output else Path(f"{args.model.replace('/', '_')}-{args.method}.safetensors")
 
@@ -193,6 +201,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TimmGhnError as error:
         print(f"timm-ghn: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Output files are renamed into place only when complete, so nothing partial is left.
+        print("timm-ghn: interrupted", file=sys.stderr)
+        return 130
     parser.error(f"unknown command {args.command!r}")
     return 2
 

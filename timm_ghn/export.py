@@ -43,6 +43,10 @@ def check_output_path(path: Path) -> Path:
         raise OutputPathError(f"output directory is not writable: {directory}; choose another -o path")
     if path.is_dir():
         raise OutputPathError(f"output path is a directory: {path}; give a file name such as {path / 'init.safetensors'}")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # The file is written elsewhere and renamed over the path, which would replace a device,
+        # a FIFO or a symbolic link itself rather than write through it.
+        raise OutputPathError(f"output path exists and is not a regular file: {path}; choose another -o path")
     return directory
 
 

@@ -163,8 +163,11 @@ class Graph:
 def default_input_size(model: nn.Module) -> tuple[int, ...]:
     """Return the per-sample input shape used to trace ``model``.
 
-    Order of precedence: an ``expected_input_sz`` attribute (an int ``s`` means ``(3, s, s)``, as
-    in ppuda), the ``input_size`` of timm's ``pretrained_cfg``, then ``(3, 224, 224)``.
+    An ``expected_input_sz`` attribute wins (an int ``s`` means ``(3, s, s)``, as in ppuda).
+    Otherwise the shape is timm's ``pretrained_cfg`` ``input_size`` (default ``(3, 224, 224)``),
+    corrected for constructor arguments that the config does not follow: the channels become the
+    ``in_channels`` of the first convolution, and the image size becomes the ``img_size`` of a
+    ``patch_embed`` module, which ViT-like models require exactly.
     """
     size = getattr(model, "expected_input_sz", None)
     if isinstance(size, int):
@@ -172,9 +175,17 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     if isinstance(size, (tuple, list)):
         return tuple(int(s) for s in size)
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("input_size"):
-        return tuple(int(s) for s in cfg["input_size"])
-    return (3, 224, 224)
+    channels, height, width = (tuple(int(s) for s in cfg["input_size"]) if cfg.get("input_size") else (3, 224, 224))
+
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None:
+        channels = first_conv.in_channels
+    patch_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(patch_size, (tuple, list)) and len(patch_size) == 2:
+        height, width = (int(s) for s in patch_size)
+    elif isinstance(patch_size, int):
+        height = width = patch_size
+    return (channels, height, width)
 
 
 def group_key(
@@ -428,16 +439,28 @@ def build_graph(
     Returns:
         The graph, with the names of parameters it could not place in ``Graph.unplaced``.
     """
-    size = tuple(int(s) for s in input_size) if input_size is not None else default_input_size(model)
-    try:
-        outputs, names = trace_output(model, size)
-    except TimmGhnError:
-        raise
-    except Exception as error:  # a forward pass can fail in many ways; report which model and why
-        raise TimmGhnError(
-            f"cannot trace {type(model).__name__} with input size {size} on the meta device: "
-            f"{type(error).__name__}: {error}"
-        ) from error
+    if input_size is not None:
+        sizes = [tuple(int(s) for s in input_size)]
+    else:
+        # The derived size follows constructor arguments; the config's size is the fallback when
+        # the first registered convolution is not the one that reads the input.
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        sizes = [default_input_size(model)]
+        if cfg.get("input_size") and tuple(cfg["input_size"]) != sizes[0]:
+            sizes.append(tuple(int(s) for s in cfg["input_size"]))
+    for attempt, size in enumerate(sizes):
+        try:
+            outputs, names = trace_output(model, size)
+            break
+        except TimmGhnError:
+            raise
+        except Exception as error:  # a forward pass can fail in many ways; report which model and why
+            if attempt + 1 < len(sizes):
+                continue
+            raise TimmGhnError(
+                f"cannot trace {type(model).__name__} with input size {size} on the meta device: "
+                f"{type(error).__name__}: {error}; pass input_size=(C, H, W) to build_graph"
+            ) from error
 
     if style not in ("ghn2", "ghn3"):
         raise ValueError(f"invalid graph style {style!r}: expected 'ghn2' or 'ghn3'")

@@ -129,8 +129,8 @@ def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.d
 def _check_options(method: str, beta: float, start_layer: int | None, seed: int) -> None:
     if method not in METHODS:
         raise InvalidOptionError(f"invalid method {method!r}: expected one of {', '.join(METHODS)}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise InvalidOptionError(f"invalid seed {seed!r}: expected an integer >= 0")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise InvalidOptionError(f"invalid seed {seed!r}: expected an integer from 0 to 2**63 - 1")
     if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
         raise InvalidOptionError(f"invalid beta {beta!r}: expected a finite number >= 0 (the paper uses 3e-5)")
     if start_layer is not None and (not isinstance(start_layer, int) or start_layer < 0):

@@ -445,7 +445,12 @@ def ghn_orth_(
     num_layers = len(modules)
     if start_layer is None:
         start_layer = default_start_layer(num_layers, model_name, variant)
-    start_layer = int(start_layer)
+    start_layer = max(1, int(start_layer))
+    if start_layer > max(1, num_layers - 1):
+        raise InvalidOptionError(
+            f"invalid GHN-orth start layer {start_layer}: the model has {num_layers} layers with a 2-D weight and "
+            f"the last one (the classifier) is never changed, so the start layer must be at most {max(1, num_layers - 1)}"
+        )
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
 

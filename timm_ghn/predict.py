@@ -304,12 +304,18 @@ def predict_parameters(
         graph_seconds=graph_seconds,
         ghn_seconds=ghn_seconds,
     )
-    if unpredicted:
+    head = {node.param_name for node in graph.nodes if node.param_name and (node.last_weight or node.last_bias)}
+    skipped_head = [name for name in unpredicted if name in head and not predict_classifier]
+    others = [name for name in unpredicted if name not in skipped_head]
+    if skipped_head:
+        # The head is left to timm on purpose when its classes differ from the GHN's.
+        logger.info("%s: the classifier keeps the model's own initialization: %s", type(model).__name__, ", ".join(skipped_head))
+    if others:
         logger.warning(
             "%s: %d parameter tensors keep the model's own initialization: %s",
             type(model).__name__,
-            len(unpredicted),
-            ", ".join(unpredicted[:8]) + (" ..." if len(unpredicted) > 8 else ""),
+            len(others),
+            ", ".join(others[:8]) + (" ..." if len(others) > 8 else ""),
         )
     logger.info("%s: %s", type(model).__name__, result.summary())
     return result

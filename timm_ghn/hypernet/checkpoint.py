@@ -52,7 +52,13 @@ class LoadedGHN:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Return the hex SHA-256 of a file, read in 1 MiB chunks."""
+    """Return the hex SHA-256 of a file, read in 1 MiB chunks.
+
+    Raises:
+        CheckpointError: ``path`` is missing or not a regular file.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"GHN checkpoint not found or not a file: {path}; pass the path of an existing file")
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -273,6 +279,7 @@ def save_ghn(model: GHN2, path: str | os.PathLike, metadata: Mapping[str, str] |
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(temporary), metadata=header)
+        os.chmod(temporary, 0o644)
         os.replace(temporary, path)
     finally:
         if temporary.exists():
