@@ -87,6 +87,9 @@ OPERATION_PRIMITIVES: dict[str, str] = {
     "input": "input",
 }
 
+#: Most autograd entries a traced graph may have (its 0/1 matrix takes this squared, in bytes).
+MAX_TRACED_ENTRIES = 16384
+
 #: Largest shortest-path length stored as a virtual edge (GHN-2 and GHN-3 with ``ve``).
 VIRTUAL_EDGE_CUTOFF = 50
 
@@ -470,7 +473,14 @@ def build_graph(
     keys = list(entries_by_key)
     index_of = {id(key): i for i, key in enumerate(keys)}
     entries = [entries_by_key[key] for key in keys]
-    adjacency = np.zeros((len(entries), len(entries)), dtype=np.int64)
+    if len(entries) > MAX_TRACED_ENTRIES:
+        # NOTE: the rewriting steps use a dense matrix; models whose traced graph is this large
+        # (recurrent layers unrolled over every position, as in Sequencer2d) are not supported yet.
+        raise TimmGhnError(
+            f"the traced graph of {type(model).__name__} has {len(entries)} entries, more than the "
+            f"{MAX_TRACED_ENTRIES} a dense graph can hold here; this model is not supported"
+        )
+    adjacency = np.zeros((len(entries), len(entries)), dtype=np.int8)
     for source, target in edge_keys:
         adjacency[index_of[id(source)], index_of[id(target)]] = 1
 
