@@ -320,7 +320,13 @@ def test_model_kwargs_unknown_argument(run_cli, ghn_path, output, out_dir):
 
 
 def test_no_checkpoint_given(run_cli, output, out_dir, monkeypatch):
+    import timm_ghn.cache
+    import timm_ghn.pipeline
+
     monkeypatch.delenv("TIMM_GHN_CHECKPOINT", raising=False)
+    missing = out_dir / "no-bundled-ghn.safetensors"
+    monkeypatch.setattr(timm_ghn.pipeline, "DEFAULT_GHN", missing)
+    monkeypatch.setattr(timm_ghn.cache, "DEFAULT_GHN", missing)
     result = run_cli("predict", "resnet18", "-o", str(output))
     assert_one_error(result, "--ghn", "TIMM_GHN_CHECKPOINT")
     assert_empty(out_dir)
