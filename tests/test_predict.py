@@ -54,8 +54,10 @@ def test_normalize_block_ranges():
     conv = normalize_block(torch.ones(8, 4, 3, 3), is_weight=True)
     depthwise = normalize_block(torch.ones(8, 1, 3, 3), is_weight=True)
 
-    assert scales.min() >= 0 and scales.max() <= 2
-    assert biases.min() >= -1 and biases.max() <= 1
+    assert scales.min() >= 0
+    assert scales.max() <= 2
+    assert biases.min() >= -1
+    assert biases.max() <= 1
     assert torch.allclose(conv, torch.full_like(conv, (2 / 36) ** 0.5))
     assert torch.allclose(depthwise, torch.full_like(depthwise, (1 / 9) ** 0.5))
 

@@ -386,6 +386,13 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
     return nodes
 
 
+def _add_input_node(entries: list[Entry], adjacency: np.ndarray, sources) -> tuple[list[Entry], np.ndarray]:
+    """Append the ``input`` node with an edge to each of ``sources``."""
+    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
+    adjacency[-1, sources] = 1
+    return [*entries, Entry("input", None, None)], adjacency
+
+
 def _sorted(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Entry], np.ndarray]:
     np.fill_diagonal(adjacency, 0)
     order = _topological_order(adjacency)
@@ -400,9 +407,7 @@ def _rewrite_ghn2(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Ent
     sources = np.flatnonzero(adjacency.sum(axis=0) == 0)
     if len(sources) > 1:
         logger.debug("graph has %d source nodes; the input node feeds all of them", len(sources))
-    entries.append(Entry("input", None, None))
-    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
-    adjacency[-1, sources] = 1
+    entries, adjacency = _add_input_node(entries, adjacency, sources)
 
     entries, adjacency = _sorted(entries, adjacency)
     return _filter_operations(entries, adjacency)
@@ -417,9 +422,7 @@ def _rewrite_ghn3(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Ent
     entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, ["Add", "Cat"])
 
     sources = [i for i in np.flatnonzero(adjacency.sum(axis=0) == 0) if "weight" in entries[i].name]
-    entries.append(Entry("input", None, None))
-    adjacency = np.pad(adjacency, ((0, 1), (0, 1)))
-    adjacency[-1, sources] = 1
+    entries, adjacency = _add_input_node(entries, adjacency, sources)
     return _sorted(entries, adjacency)
 
 
@@ -434,7 +437,7 @@ def build_graph(
     Args:
         model: any module; its parameters and buffers are neither read nor changed.
         input_size: per-sample input shape, default from :func:`default_input_size`.
-        ve_cutoff: longest shortest-path length stored as a virtual edge (50 for GHN-2 and
+        ve_cutoff: maximum shortest-path length stored as a virtual edge (50 for GHN-2 and
             GHN-3, 1 for GHN-1, which has no virtual edges).
         style: ``ghn2`` (the GHN-2 builder's rules, with the extensions above) or ``ghn3`` (the
             GHN-3 builder's rules, :mod:`timm_ghn.ghn3_graph`), matching the GHN that reads it.
@@ -474,7 +477,7 @@ def build_graph(
     index_of = {id(key): i for i, key in enumerate(keys)}
     entries = [entries_by_key[key] for key in keys]
     if len(entries) > MAX_TRACED_ENTRIES:
-        # NOTE: the rewriting steps use a dense matrix; models whose traced graph is this large
+        # NOTE: the rewriting steps use a dense matrix, so models whose traced graph is this large
         # (recurrent layers unrolled over every position, as in Sequencer2d) are not supported yet.
         raise TimmGhnError(
             f"the traced graph of {type(model).__name__} has {len(entries)} entries, more than the "

@@ -53,6 +53,24 @@ class PredictionResult:
         )
 
 
+def _slice_block(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
+    """Cut ``block`` to at most ``target`` in every dim (step 1 of :func:`fit_block` plus the chop).
+
+    Raises:
+        ValueError: the block has a different number of dims than the target after slicing.
+    """
+    w = block
+    if len(target) == 1 and w.dim() >= 2:
+        w = w[(slice(0, target[0]),) + (0,) * (w.dim() - 1)]
+    elif len(target) == 2 and w.dim() == 4:
+        w = w[: target[0], : target[1], 0, 0]
+    elif len(target) == 3 and w.dim() == 4:
+        w = w[: target[0], : target[1], : target[2], 0]
+    if w.dim() != len(target):
+        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    return w[tuple(slice(0, t) for t in target)]
+
+
 def fit_block(block: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
     """Slice and tile a decoded block to the ``target`` shape (ppuda's ``_tile_params``).
 
@@ -67,18 +85,7 @@ def fit_block(block: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
         ValueError: the block cannot be brought to the target shape.
     """
     target = tuple(int(t) for t in target)
-    w = block
-    if len(target) == 1 and w.dim() >= 2:
-        w = w[(slice(0, min(target[0], w.shape[0])),) + (0,) * (w.dim() - 1)]
-    elif len(target) == 2 and w.dim() == 4:
-        w = w[: target[0], : target[1], 0, 0]
-    elif len(target) == 3 and w.dim() == 4:
-        w = w[: target[0], : target[1], : target[2], 0]
-    elif len(target) == 4 and w.dim() == 4:
-        w = w[: target[0], : target[1], : target[2], : target[3]]
-
-    if w.dim() != len(target):
-        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
+    w = _slice_block(block, target)
     for dim in range(min(2, w.dim())):
         if target[dim] > w.shape[dim]:
             repeats = [1] * w.dim()
@@ -133,16 +140,7 @@ def write_block_(param: torch.Tensor, block: torch.Tensor, is_weight: bool, weig
     view of ``param``.
     """
     target = tuple(param.shape)
-    w = block
-    if len(target) == 1 and w.dim() >= 2:
-        w = w[(slice(0, target[0]),) + (0,) * (w.dim() - 1)]
-    elif len(target) == 2 and w.dim() == 4:
-        w = w[: target[0], : target[1], 0, 0]
-    elif len(target) == 3 and w.dim() == 4:
-        w = w[: target[0], : target[1], : target[2], 0]
-    if w.dim() != len(target):
-        raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
-    w = w[tuple(slice(0, t) for t in target)]
+    w = _slice_block(block, target)
     if any(w.shape[d] != target[d] for d in range(2, len(target))):
         raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
     if weight_norm:

@@ -145,7 +145,8 @@ _GHN2_DECODER_CONVS = ("decoder.conv.0.weight", "decoder.conv.2.weight", "decode
 
 
 def _is_legacy_torch_save(path: Path) -> bool:
-    """A legacy (non-zip) ``torch.save`` file starts with the pickled magic number ``0x1950a86a20f9469cfc6c``."""
+    """Return whether ``path`` is a legacy (non-zip) ``torch.save`` file, which starts with the pickled
+    magic number ``0x1950a86a20f9469cfc6c``."""
     with open(path, "rb") as handle:
         head = handle.read(3)
     return head[:1] == b"\x80" and head[2:3] == b"\x8a"

@@ -58,7 +58,7 @@ class GHNConfig:
 
     @property
     def ve_cutoff(self) -> int:
-        """Longest shortest-path distance stored as a virtual edge."""
+        """Maximum shortest-path distance stored as a virtual edge."""
         return 50 if self.ve else 1
 
     @classmethod
