@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 from timm_ghn.errors import CheckpointError, InvalidOptionError, OutputPathError, TimmGhnError, UnknownModelError
 from timm_ghn.graph import Graph, build_graph
 from timm_ghn.hypernet import GHN2, GHNConfig, LoadedGHN, load_ghn, save_ghn
+from timm_ghn.options import InitOptions
 from timm_ghn.pipeline import InitReport, initialize_model, write_initialization
 from timm_ghn.postprocess import add_correlated_noise_, ghn_orth_, orthogonalize_
 from timm_ghn.predict import PredictionResult, predict_parameters
@@ -24,6 +25,7 @@ __all__ = [
     "GHN2",
     "GHNConfig",
     "Graph",
+    "InitOptions",
     "InitReport",
     "InvalidOptionError",
     "LoadedGHN",

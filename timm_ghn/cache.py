@@ -44,7 +44,8 @@ from huggingface_hub import constants as hf_constants
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.export import METADATA_PREFIX, encode_json
 from timm_ghn.hypernet.checkpoint import LoadedGHN, file_sha256
-from timm_ghn.pipeline import DEFAULT_GHN, GHN_ENV, _check_options, check_model_name, resolve_ghn
+from timm_ghn.options import InitOptions, with_overrides
+from timm_ghn.pipeline import DEFAULT_GHN, GHN_ENV, check_model_name, resolve_ghn
 from timm_ghn.postprocess import default_start_layer, weight_modules
 from timm_ghn.registry import download_named_ghn, is_named_ghn
 
@@ -266,29 +267,20 @@ def ghn_digest(ghn: str | os.PathLike | LoadedGHN | None) -> tuple[str, str | os
 
 
 def make_request(
-    model_name: str,
-    *,
-    method: str = "ghn_orth",
-    ghn: str | os.PathLike | LoadedGHN | None = None,
-    beta: float = 3e-5,
-    start_layer: int | None = None,
-    variant: str = "released",
-    seed: int = 0,
-    predict_classifier: bool | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
+    model_name: str, options: InitOptions | None = None, **fields: Any
 ) -> tuple[InitRequest, str | os.PathLike | LoadedGHN]:
     """Build the :class:`InitRequest` for the arguments of :func:`timm_ghn.initialize_model`.
 
-    Returns the request and the GHN to predict with (a path or a loaded GHN).
+    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`. The device is not
+    part of the key. Returns the request and the GHN to predict with (a path or a loaded GHN).
 
     Raises:
         InvalidOptionError: an option is out of range, or ``model_kwargs`` is not JSON-serializable.
         UnknownModelError: timm does not know ``model_name``.
     """
     # The same checks and messages as initialize_model, before any work on the key.
-    _check_options(method, beta, start_layer, seed)
-    kwargs = dict(model_kwargs or {})
-    kwargs.pop("pretrained", None)
+    options = with_overrides(options, fields)
+    kwargs = options.timm_kwargs
     try:
         kwargs = json.loads(encode_json(kwargs))
     except (TypeError, ValueError) as error:
@@ -298,24 +290,25 @@ def make_request(
         ) from error
 
     architecture = architecture_of(model_name, kwargs)
-    digest, ghn_value = ghn_digest(ghn)
-    if method == "ghn_orth":
+    digest, ghn_value = ghn_digest(options.ghn)
+    if options.method == "ghn_orth":
+        start_layer = options.start_layer
         if start_layer is None:
-            start_layer = default_start_layer(architecture.num_weight_layers, model_name, variant)
+            start_layer = default_start_layer(architecture.num_weight_layers, model_name, options.variant)
         # Layers are numbered from 1, and 0 means the same as 1, so both give one key.
         start_layer = max(1, int(start_layer))
-        options = {"beta": float(beta), "start_layer": start_layer, "variant": variant}
+        orth_options = {"beta": float(options.beta), "start_layer": start_layer, "variant": options.variant}
     else:
-        options = {"beta": None, "start_layer": None, "variant": None}
+        orth_options = {"beta": None, "start_layer": None, "variant": None}
     request = InitRequest(
         model_name=model_name,
         model_kwargs=kwargs,
-        method=method,
+        method=options.method,
         ghn_sha256=digest,
-        seed=seed,
-        predict_classifier=predict_classifier,
+        seed=options.seed,
+        predict_classifier=options.predict_classifier,
         architecture=architecture,
-        **options,
+        **orth_options,
     )
     return request, ghn_value
 

@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 
 from timm_ghn.cache import LocalCache, make_request
+from timm_ghn.cli_options import add_init_options, init_options
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.hub import HUB_REPO_ENV, download_by_key, download_entry, hub_repos, push_entries
+from timm_ghn.options import InitOptions
 from timm_ghn.pipeline import InitReport
 from timm_ghn.resolve import copy_entry, resolve_initialization
 
 __all__ = ["add_predict_options", "check_cache_options", "predict_with_cache", "prediction_line", "register_commands"]
-
-# Options of ``predict`` that determine an entry's key; ``pull`` takes the same ones.
-_KEY_OPTIONS = ("model", "method", "ghn", "num_classes", "model_kwargs", "beta", "start_layer", "variant", "seed", "predict_classifier")
 
 
 def add_predict_options(predict: argparse.ArgumentParser) -> None:
@@ -46,28 +45,16 @@ def check_cache_options(args: argparse.Namespace) -> None:
         raise InvalidOptionError(f"{given} cannot be combined with --no-cache, because Hub entries go through the cache; drop one of them")
 
 
-def predict_with_cache(args: argparse.Namespace, kwargs: dict, device, output: Path) -> int:
+def predict_with_cache(args: argparse.Namespace, options: InitOptions, output: Path) -> int:
     """Run ``predict`` through the cache and the Hub, write ``output`` and print one line."""
     resolved = resolve_initialization(
-        args.model,
-        method=args.method,
-        ghn=args.ghn,
-        beta=args.beta,
-        start_layer=args.start_layer,
-        variant=args.variant,
-        seed=args.seed,
-        device=device,
-        predict_classifier=args.predict_classifier,
-        model_kwargs=kwargs,
-        hub_repo=args.hub_repo,
-        push_to_hub=args.push_to_hub,
-        output=output,
+        args.model, options, hub_repo=args.hub_repo, push_to_hub=args.push_to_hub, output=output,
     )
     key = resolved.request.key[:12]
     pushed = f", pushed to {args.push_to_hub}" if resolved.pushed else ""
     if resolved.report is None:
         where = "the cache" if resolved.source == "cache" else f"Hub repo {resolved.repo_id}"
-        print(f"{output}: {args.model} {args.method} from {where} (key {key}){pushed}, {resolved.seconds:.2f} s")
+        print(f"{output}: {args.model} {options.method} from {where} (key {key}){pushed}, {resolved.seconds:.2f} s")
         return 0
 
     print(f"{prediction_line(output, args.model, resolved.report, resolved.seconds)} (key {key}){pushed}")
@@ -86,8 +73,8 @@ def prediction_line(path: Path, model_name: str, report: InitReport, seconds: fl
     )
 
 
-def register_commands(commands: argparse._SubParsersAction, predict: argparse.ArgumentParser) -> None:
-    """Add the ``push``, ``pull`` and ``cache`` commands; ``pull`` copies ``predict``'s key options."""
+def register_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the ``push``, ``pull`` and ``cache`` commands; ``pull`` takes ``predict``'s options but ``--device``."""
     push = commands.add_parser(
         "push",
         help="upload cache entries to a Hugging Face Hub model repo",
@@ -105,9 +92,8 @@ def register_commands(commands: argparse._SubParsersAction, predict: argparse.Ar
         description="Compute the key of MODEL with the given options, take the entry from the local cache or "
         "the Hub repo(s), and copy it to FILE. Nothing is predicted.",
     )
-    for action in predict._actions:
-        if action.dest in _KEY_OPTIONS:
-            pull._add_action(action)
+    pull.add_argument("model", metavar="MODEL", help="timm model name, e.g. resnet50 or convnext_base")
+    add_init_options(pull, device=False)
     pull.add_argument(
         "--hub-repo", action="append", default=None, metavar="REPO_ID",
         help=f"Hub repo to download from; repeatable (default: ${HUB_REPO_ENV}, comma-separated)",
@@ -153,21 +139,12 @@ def _run_push(args: argparse.Namespace) -> int:
 
 
 def _run_pull(args: argparse.Namespace) -> int:
-    from timm_ghn.cli import _parse_kwargs
-
     start = time.perf_counter()
+    options = init_options(args)
     if args.key:
         return _pull_by_key(args, start)
-    kwargs = _parse_kwargs(args.model_kwargs)
-    if args.num_classes is not None:
-        if args.num_classes < 1:
-            raise InvalidOptionError(f"invalid --num-classes {args.num_classes}: expected an integer >= 1")
-        kwargs["num_classes"] = args.num_classes
     repos = hub_repos(args.hub_repo)
-    request, _ = make_request(
-        args.model, method=args.method, ghn=args.ghn, beta=args.beta, start_layer=args.start_layer,
-        variant=args.variant, seed=args.seed, predict_classifier=args.predict_classifier, model_kwargs=kwargs,
-    )
+    request, _ = make_request(args.model, options)
     cache = LocalCache()
     path = cache.lookup(request)
     source = "the cache"

@@ -7,7 +7,6 @@ User errors (unknown model, bad checkpoint, unwritable output, invalid option) p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,14 +14,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from timm_ghn import evaluate, train
 from timm_ghn.cache_cli import add_predict_options, check_cache_options, predict_with_cache, prediction_line, register_commands
-from timm_ghn.errors import InvalidOptionError, TimmGhnError
+from timm_ghn.cli_options import add_init_options, init_options
+from timm_ghn.errors import TimmGhnError
 from timm_ghn.export import check_output_path
 from timm_ghn.hypernet import save_ghn
-from timm_ghn.pipeline import GHN_ENV, METHODS, initialize_model, resolve_ghn, write_initialization
+from timm_ghn.pipeline import initialize_model, resolve_ghn, write_initialization
 from timm_ghn.registry import NAMED_GHNS
 from timm_ghn.study import command as study_command
 from timm_ghn.study import diagnose
@@ -30,28 +28,6 @@ from timm_ghn.study import diagnose
 __all__ = ["build_parser", "main"]
 
 logger = logging.getLogger("timm_ghn")
-
-
-def _parse_device(text: str) -> torch.device:
-    try:
-        device = torch.device(text)
-    except RuntimeError as error:
-        raise InvalidOptionError(f"invalid device {text!r}: expected cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidOptionError(f"device {text!r} requested but CUDA is not available; use --device cpu")
-    return device
-
-
-def _parse_kwargs(text: str | None) -> dict:
-    if not text:
-        return {}
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidOptionError(f"invalid --model-kwargs {text!r}: not JSON ({error.msg})") from error
-    if not isinstance(values, dict):
-        raise InvalidOptionError(f"invalid --model-kwargs {text!r}: expected a JSON object such as '{{\"drop_rate\": 0.1}}'")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,45 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--initial-checkpoint.",
     )
     predict.add_argument("model", metavar="MODEL", help="timm model name, e.g. resnet50 or convnext_base")
-    predict.add_argument(
-        "--method", choices=METHODS, default="ghn_orth",
-        help="ghn: raw GHN prediction; ghn_orth: prediction, then noise and orthogonalisation (default: %(default)s)",
-    )
-    predict.add_argument(
-        "--ghn", metavar="CHECKPOINT", default=None,
-        help=f"GHN checkpoint: a ppuda GHN-2 .pt, a GHN-3 .pt, a timm_ghn .safetensors file, or a released name "
-        f"({', '.join(NAMED_GHNS)}; downloaded once into the Hugging Face cache) (default: ${GHN_ENV})",
-    )
-    predict.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes of the model's head (default: the model's own, 1000 for ImageNet models)")
-    predict.add_argument("--model-kwargs", default=None, metavar="JSON", help="other timm.create_model arguments as a JSON object")
-    predict.add_argument(
-        "--beta", type=float, default=3e-5, metavar="B",
-        help="GHN-orth noise scale β, a multiple of the std of each weight's correlation matrix; 0 disables noise (default: %(default)g)",
-    )
-    predict.add_argument(
-        "--start-layer", type=int, default=None, metavar="L",
-        help="first layer GHN-orth changes, 1-based among modules with a weight of ≥ 2 dims in registration order; "
-        "default: 37 for resnet50, 94 for convnext_base (100 with --variant paper), else the deepest third",
-    )
-    predict.add_argument(
-        "--variant", choices=("released", "paper"), default="released",
-        help="GHN-orth noise statistic: released = ppuda code (correlation of the tall weight view's rows), "
-        "paper = correlation between output channels (default: %(default)s)",
-    )
-    predict.add_argument("--seed", type=int, default=0, metavar="S", help="seed of timm's init of unpredicted parameters and of the noise (default: %(default)s)")
-    predict.add_argument("--device", default="cpu", metavar="D", help="device for the GHN and the model: cpu, cuda, cuda:N (default: %(default)s)")
-    classifier = predict.add_mutually_exclusive_group()
-    classifier.add_argument(
-        "--predict-classifier", dest="predict_classifier", action="store_true", default=None,
-        help="predict the head even when its classes differ from the GHN's (rows are tiled)",
-    )
-    classifier.add_argument(
-        "--no-predict-classifier", dest="predict_classifier", action="store_false",
-        help="keep timm's init of the head (default when its classes differ from the GHN's)",
-    )
+    add_init_options(predict)
     predict.add_argument("-o", "--output", default=None, metavar="FILE", help="output file (default: MODEL-METHOD.safetensors in the current directory)")
     add_predict_options(predict)
-    register_commands(commands, predict)
+    register_commands(commands)
     train.add_parser(commands)
     evaluate.add_parser(commands)
     _add_convert_parser(commands)
@@ -146,37 +87,17 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    device = _parse_device(args.device)
-    kwargs = _parse_kwargs(args.model_kwargs)
-    if args.num_classes is not None:
-        if args.num_classes < 1:
-            raise InvalidOptionError(f"invalid --num-classes {args.num_classes}: expected an integer >= 1")
-        if kwargs.get("num_classes", args.num_classes) != args.num_classes:
-            raise InvalidOptionError(
-                f"--num-classes {args.num_classes} conflicts with num_classes {kwargs['num_classes']} in --model-kwargs; give one"
-            )
-        kwargs["num_classes"] = args.num_classes
-    output = Path(args.output) if args.output else Path(f"{args.model.replace('/', '_')}-{args.method}.safetensors")
+    options = init_options(args)
+    output = Path(args.output) if args.output else Path(f"{args.model.replace('/', '_')}-{options.method}.safetensors")
 
     # Fail on an unusable output path before spending time on the prediction.
     check_output_path(output.expanduser())
     check_cache_options(args)
     if not args.no_cache:
-        return predict_with_cache(args, kwargs, device, output)
+        return predict_with_cache(args, options, output)
 
     start = time.perf_counter()
-    model, report = initialize_model(
-        args.model,
-        method=args.method,
-        ghn=args.ghn,
-        beta=args.beta,
-        start_layer=args.start_layer,
-        variant=args.variant,
-        seed=args.seed,
-        device=device,
-        predict_classifier=args.predict_classifier,
-        model_kwargs=kwargs,
-    )
+    model, report = initialize_model(args.model, options)
     path = write_initialization(model, report, output)
     seconds = time.perf_counter() - start
 

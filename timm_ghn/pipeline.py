@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import timm_ghn
 from timm_ghn.errors import InvalidOptionError, TimmGhnError, UnknownModelError
 from timm_ghn.export import METADATA_PREFIX, encode_json, save_state_dict
 from timm_ghn.hypernet.checkpoint import LoadedGHN, load_ghn
+from timm_ghn.options import METHODS, InitOptions, with_overrides
 from timm_ghn.registry import download_named_ghn, is_named_ghn
 from timm_ghn.postprocess import OrthReport, ghn_orth_
 from timm_ghn.predict import PredictionResult, predict_parameters
@@ -32,6 +32,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_GHN",
     "GHN_ENV",
+    "InitOptions",
     "InitReport",
     "check_model_name",
     "initialize_model",
@@ -40,9 +41,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Initialization methods: raw GHN prediction, or prediction followed by GHN-orth.
-METHODS = ("ghn", "ghn_orth")
 
 #: Environment variable naming the GHN checkpoint used when none is passed.
 GHN_ENV = "TIMM_GHN_CHECKPOINT"
@@ -126,85 +124,57 @@ def resolve_ghn(ghn: str | os.PathLike | LoadedGHN | None, device: str | torch.d
     return load_ghn(ghn, device=device)
 
 
-def _check_options(method: str, beta: float, start_layer: int | None, seed: int) -> None:
-    if method not in METHODS:
-        raise InvalidOptionError(f"invalid method {method!r}: expected one of {', '.join(METHODS)}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise InvalidOptionError(f"invalid seed {seed!r}: expected an integer from 0 to 2**63 - 1")
-    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-        raise InvalidOptionError(f"invalid beta {beta!r}: expected a finite number >= 0 (the paper uses 3e-5)")
-    if start_layer is not None and (not isinstance(start_layer, int) or start_layer < 0):
-        raise InvalidOptionError(f"invalid start layer {start_layer!r}: expected an integer >= 0 (1 is the first layer)")
-
-
-def initialize_model(
-    model_name: str,
-    *,
-    method: str = "ghn_orth",
-    ghn: str | os.PathLike | LoadedGHN | None = None,
-    beta: float = 3e-5,
-    start_layer: int | None = None,
-    variant: str = "released",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    predict_classifier: bool | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[nn.Module, InitReport]:
+def initialize_model(model_name: str, options: InitOptions | None = None, **fields: Any) -> tuple[nn.Module, InitReport]:
     """Create the timm model ``model_name`` and initialize it with a GHN.
 
     Args:
         model_name: a name from ``timm.list_models()``, optionally with a pretrained tag.
-        method: ``ghn`` (raw prediction) or ``ghn_orth`` (prediction, then GHN-orth).
-        ghn: GHN checkpoint path or loaded GHN; default ``$TIMM_GHN_CHECKPOINT``.
-        beta: GHN-orth noise scale β (dimensionless, relative to the spread of each weight's
-            correlations); 0 disables the noise.
-        start_layer: first 1-based layer (among modules with a ≥ 2-D weight) that GHN-orth
-            changes; default from :func:`timm_ghn.postprocess.default_start_layer`.
-        variant: GHN-orth correlation axis, ``released`` (ppuda code) or ``paper``.
-        seed: seeds timm's own initialization of unpredicted parameters and the GHN-orth noise,
-            so equal arguments give bitwise equal models.
-        device: where the GHN runs and the model lives (``cpu``, ``cuda``, ``cuda:1``).
-        predict_classifier: see :func:`timm_ghn.predict.predict_parameters`.
-        model_kwargs: keyword arguments for ``timm.create_model`` (``num_classes``, ``in_chans``...).
+        options: method, GHN, GHN-orth settings, seed, device and model arguments (see
+            :class:`InitOptions`); default ``InitOptions()``.
+        fields: :class:`InitOptions` fields that replace those of ``options``, such as
+            ``method="ghn"`` or ``model_kwargs={"num_classes": 10}``.
 
     Returns:
-        The model (in training mode, on ``device``) and its :class:`InitReport`.
+        The model (in training mode, on the options' device) and its :class:`InitReport`.
+
+    Raises:
+        TimmGhnError: an unknown model, an invalid option or an unusable GHN checkpoint.
     """
-    _check_options(method, beta, start_layer, seed)
+    options = with_overrides(options, fields)
     check_model_name(model_name)
-    kwargs = dict(model_kwargs or {})
-    kwargs.pop("pretrained", None)
-    loaded = resolve_ghn(ghn, device)
+    kwargs = options.timm_kwargs
+    loaded = resolve_ghn(options.ghn, options.device)
 
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(options.seed)
         try:
             model = timm.create_model(model_name, pretrained=False, **kwargs)
         except TypeError as error:
             raise InvalidOptionError(f"timm cannot build {model_name!r} with {kwargs}: {error}") from error
-    model.to(device)
+    model.to(options.device)
     create_seconds = time.perf_counter() - start
 
-    prediction = predict_parameters(model, loaded, predict_classifier=predict_classifier)
+    prediction = predict_parameters(model, loaded, predict_classifier=options.predict_classifier)
 
     orth = None
     start = time.perf_counter()
-    if method == "ghn_orth":
-        generator = torch.Generator().manual_seed(seed)
+    if options.method == "ghn_orth":
+        generator = torch.Generator().manual_seed(options.seed)
         orth = ghn_orth_(
-            model, beta=beta, start_layer=start_layer, generator=generator, variant=variant, model_name=model_name
+            model, beta=options.beta, start_layer=options.start_layer, generator=generator,
+            variant=options.variant, model_name=model_name,
         )
     postprocess_seconds = time.perf_counter() - start
 
     report = InitReport(
         model_name=model_name,
         model_kwargs=kwargs,
-        method=method,
-        beta=float(beta) if orth else None,
+        method=options.method,
+        beta=float(options.beta) if orth else None,
         start_layer=orth.start_layer if orth else None,
-        variant=variant if orth else None,
-        seed=seed,
+        variant=options.variant if orth else None,
+        seed=options.seed,
         ghn_name=loaded.name,
         ghn_sha256=loaded.sha256,
         prediction=prediction,

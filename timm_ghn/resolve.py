@@ -13,15 +13,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from timm_ghn.cache import InitRequest, LocalCache, atomic_copy, make_request
 from timm_ghn.errors import CheckpointError, OutputPathError
 from timm_ghn.export import check_output_path, save_state_dict
 from timm_ghn.hub import HubAccessError, HubUnavailableError, download_entry, hub_repos, push_entries
 from timm_ghn.hypernet.checkpoint import LoadedGHN
+from timm_ghn.options import InitOptions, with_overrides
 from timm_ghn.pipeline import InitReport, initialize_model
 
 __all__ = ["Resolved", "copy_entry", "resolve_initialization"]
@@ -72,24 +71,17 @@ def _from_hub(request: InitRequest, cache: LocalCache, repos: list[str], push_to
 
 def resolve_initialization(
     model_name: str,
+    options: InitOptions | None = None,
     *,
-    method: str = "ghn_orth",
-    ghn: str | os.PathLike | LoadedGHN | None = None,
-    beta: float = 3e-5,
-    start_layer: int | None = None,
-    variant: str = "released",
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    predict_classifier: bool | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
     cache_dir: str | os.PathLike | None = None,
     hub_repo: str | Sequence[str] | None = None,
     push_to_hub: str | None = None,
     output: str | os.PathLike | None = None,
+    **fields: Any,
 ) -> Resolved:
     """Return a checked file for an initialization: cached, downloaded from the Hub, or predicted.
 
-    The arguments up to ``model_kwargs`` are those of :func:`timm_ghn.initialize_model`.
+    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`.
 
     Args:
         cache_dir: the cache directory (default :func:`timm_ghn.cache.default_cache_dir`).
@@ -105,16 +97,15 @@ def resolve_initialization(
     start = time.perf_counter()
     if output is not None:
         check_output_path(Path(output).expanduser())
-    request, ghn_value = make_request(
-        model_name, method=method, ghn=ghn, beta=beta, start_layer=start_layer, variant=variant,
-        seed=seed, predict_classifier=predict_classifier, model_kwargs=model_kwargs,
-    )
+    options = with_overrides(options, fields)
+    request, ghn_value = make_request(model_name, options)
     cache = LocalCache(cache_dir)
     repos = hub_repos(hub_repo)
     if push_to_hub and push_to_hub not in repos:
         repos.append(push_to_hub)
 
-    resolved = _resolve_locked(request, ghn_value, cache, repos, push_to_hub, device, output)
+    options = dataclasses.replace(options, ghn=ghn_value)
+    resolved = _resolve_locked(request, options, cache, repos, push_to_hub, output)
     if push_to_hub and not (resolved.source == "hub" and resolved.repo_id == push_to_hub):
         resolved.pushed = push_entries(push_to_hub, [resolved.path]) or "already on the Hub"
     resolved.seconds = time.perf_counter() - start
@@ -123,11 +114,10 @@ def resolve_initialization(
 
 def _resolve_locked(
     request: InitRequest,
-    ghn: str | os.PathLike | LoadedGHN,
+    options: InitOptions,
     cache: LocalCache,
     repos: list[str],
     push_to: str | None,
-    device: str | torch.device,
     output: str | os.PathLike | None,
 ) -> Resolved:
     path = cache.lookup(request)
@@ -135,7 +125,7 @@ def _resolve_locked(
         with cache.lock(request):
             path = cache.lookup(request)
             if path is None:
-                return _fill(request, ghn, cache, repos, push_to, device, output)
+                return _fill(request, options, cache, repos, push_to, output)
     if output is not None:
         copy_entry(path, output)
     return Resolved(path, request, "cache")
@@ -143,11 +133,10 @@ def _resolve_locked(
 
 def _fill(
     request: InitRequest,
-    ghn: str | os.PathLike | LoadedGHN,
+    options: InitOptions,
     cache: LocalCache,
     repos: list[str],
     push_to: str | None,
-    device: str | torch.device,
     output: str | os.PathLike | None,
 ) -> Resolved:
     """Fetch or predict the entry while holding its lock."""
@@ -159,18 +148,9 @@ def _fill(
         return Resolved(path, request, "hub", repo_id=repo_id)
 
     logger.info("predicting %s %s (key %s)", request.model_name, request.method, request.key[:12])
-    model, report = initialize_model(
-        request.model_name,
-        method=request.method,
-        ghn=ghn,
-        beta=request.beta if request.beta is not None else 3e-5,
-        start_layer=request.start_layer,
-        variant=request.variant or "released",
-        seed=request.seed,
-        device=device,
-        predict_classifier=request.predict_classifier,
-        model_kwargs=request.model_kwargs,
-    )
+    # The request's resolved start layer and JSON-normalised kwargs are what the key describes.
+    options = dataclasses.replace(options, start_layer=request.start_layer, model_kwargs=request.model_kwargs)
+    model, report = initialize_model(request.model_name, options)
     if report.ghn_sha256 != request.ghn_sha256:
         raise CheckpointError(
             f"the GHN checkpoint {report.ghn_name} changed while predicting (sha256 {report.ghn_sha256[:12]}, "

@@ -23,6 +23,7 @@ from timm_ghn.cache import CACHE_ENV, default_cache_dir, make_request
 from timm_ghn.hub import hub_overlay as _hub_overlay
 from timm_ghn.hub import hub_repos
 from timm_ghn.errors import TimmGhnError
+from timm_ghn.options import InitOptions
 from timm_ghn.pipeline import initialize_model, write_initialization
 from timm_ghn.resolve import resolve_initialization
 
@@ -65,29 +66,26 @@ def pretrained_cfg_overlay(
             is then written to ``output`` (required).
         hub_repo: Hub repo id(s) to look the entry up in (default ``$TIMM_GHN_HUB_REPO``).
         push_to_hub: upload the entry to this Hub repo.
-        options: ``beta``, ``start_layer``, ``variant``, ``seed``, ``device``,
-            ``predict_classifier`` of :func:`timm_ghn.initialize_model`.
+        options: the other :class:`timm_ghn.options.InitOptions` fields: ``beta``, ``start_layer``,
+            ``variant``, ``seed``, ``device``, ``predict_classifier``.
 
     Returns:
         ``{'file': path, 'source': 'timm_ghn', 'num_classes': n, 'custom_load': False, 'label_offset': 0}``.
     """
-    kwargs = dict(model_kwargs or {})
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    init_options = InitOptions(method=method, ghn=ghn, num_classes=num_classes, model_kwargs=model_kwargs, **options)
 
     if not use_cache:
         if hub_repo or push_to_hub:
             raise TimmGhnError("hub_repo and push_to_hub need the cache, so they cannot be combined with use_cache=False; drop one of them")
         if output is None:
             raise TimmGhnError("use_cache=False needs an output path: pass output=PATH")
-        model, report = initialize_model(model_name, method=method, ghn=ghn, model_kwargs=kwargs, **options)
+        model, report = initialize_model(model_name, init_options)
         path = write_initialization(model, report, output)
         classes = getattr(model, "num_classes", None)
-        return _file_overlay(path, classes if isinstance(classes, int) else kwargs.get("num_classes", 1000))
+        return _file_overlay(path, classes if isinstance(classes, int) else report.model_kwargs.get("num_classes", 1000))
 
     resolved = resolve_initialization(
-        model_name, method=method, ghn=ghn, model_kwargs=kwargs, hub_repo=hub_repo,
-        push_to_hub=push_to_hub, output=output, **options,
+        model_name, init_options, hub_repo=hub_repo, push_to_hub=push_to_hub, output=output,
     )
     path = output if output is not None else resolved.path
     return _file_overlay(path, resolved.request.architecture.num_classes)
@@ -112,16 +110,15 @@ def hub_overlay(
 
     Args:
         hub_repo: the repo id (default the first of ``$TIMM_GHN_HUB_REPO``).
-        options: ``beta``, ``start_layer``, ``variant``, ``seed``, ``predict_classifier``.
+        options: the other :class:`timm_ghn.options.InitOptions` fields (``beta``, ``start_layer``,
+            ``variant``, ``seed``, ``predict_classifier``); ``device`` is ignored.
     """
     repos = hub_repos(hub_repo)
     if not repos:
         raise TimmGhnError("no Hub repo given: pass hub_repo='user/repo' or set TIMM_GHN_HUB_REPO")
-    kwargs = dict(model_kwargs or {})
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
+    # The overlay only names a file, so nothing runs on the device.
     options.pop("device", None)
-    request, _ = make_request(model_name, method=method, ghn=ghn, model_kwargs=kwargs, **options)
+    request, _ = make_request(model_name, method=method, ghn=ghn, num_classes=num_classes, model_kwargs=model_kwargs, **options)
     return _hub_overlay(request, repos[0])
 
 

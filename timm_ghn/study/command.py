@@ -88,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def config_from_args(args: argparse.Namespace):
     """Return the :class:`~timm_ghn.study.runner.StudyConfig` of parsed arguments over their preset."""
-    from timm_ghn.cli import _parse_device
+    from timm_ghn.options import parse_device
     from timm_ghn.study.runner import StudyConfig
 
     values = preset_values(args.preset)
@@ -120,7 +120,7 @@ def config_from_args(args: argparse.Namespace):
         data=args.data, output=args.output, ghn=args.ghn, pretrained=pretrained, classes=args.classes,
         train_per_class=args.train_per_class, val_size=args.val_size, test_per_class=args.test_per_class,
         split_seed=args.split_seed, stored_size=args.stored_size, eval_batch_size=args.eval_batch_size,
-        threads=args.threads, device=str(_parse_device(args.device)), preset=args.preset, **values,
+        threads=args.threads, device=str(parse_device(args.device)), preset=args.preset, **values,
     )
 
 
