@@ -75,7 +75,7 @@ def test_graph_leaves_model_untouched():
 def test_convnext_layer_scale_is_listed_not_dangling(caplog):
     model = _meta_model("convnext_atto")
     with caplog.at_level(logging.INFO, logger="timm_ghn.graph"):
-        graph = build_graph(model)
+        graph = build_graph(model, extended=False)
 
     gammas = [name for name, _ in model.named_parameters() if name.endswith(".gamma")]
     assert gammas and sorted(graph.unplaced) == sorted(gammas)
@@ -83,6 +83,24 @@ def test_convnext_layer_scale_is_listed_not_dangling(caplog):
     in_degree = (graph.adjacency == 1).sum(axis=0)
     assert graph.nodes[0].primitive == "input"
     assert (in_degree[1:] > 0).all(), "every node but the input has a real incoming edge"
+
+
+def test_convnext_layer_scale_sits_on_branch():
+    model = _meta_model("convnext_atto")
+    graph = build_graph(model)
+    names = [node.param_name for node in graph.nodes]
+    gamma = names.index("stages.0.blocks.0.gamma")
+    fc2 = names.index("stages.0.blocks.0.mlp.fc2.weight")
+    fc2_bias = names.index("stages.0.blocks.0.mlp.fc2.bias")
+
+    assert graph.unplaced == []
+    assert graph.nodes[gamma].primitive == "cse"
+    assert graph.nodes[gamma].shape == (40,)
+    # The scale multiplies the branch output: fc2 -> bias -> gamma -> sum, not a side input.
+    assert graph.adjacency[fc2, fc2_bias] == 1
+    assert graph.adjacency[fc2_bias, gamma] == 1
+    assert graph.adjacency[0, gamma] != 1
+    assert graph.nodes[np.flatnonzero(graph.adjacency[gamma] == 1)[0]].primitive == "sum"
 
 
 def test_timm_norm_subclasses_become_nodes():
@@ -137,4 +155,5 @@ def test_graph_of_billion_parameter_model_on_meta():
     assert sum(p.numel() for p in model.parameters()) > 1e9
     assert all(p.is_meta for p in model.parameters())
     assert graph.primitive_histogram()["ln"] == 81
-    assert sorted(graph.unplaced) == ["cls_token", "pos_embed"]
+    assert graph.unplaced == []
+    assert sorted(build_graph(model, extended=False).unplaced) == ["cls_token", "pos_embed"]

@@ -114,7 +114,8 @@ def unsupported_patterns(entries: list) -> list[str]:
     for entry in entries:
         norm_bias = entry.module is not None and "norm" in type(entry.module).__name__.lower() and entry.name.endswith(".bias")
         operation = entry.name.split("Backward")[0]
-        dropped = not is_ghn3_supported(entry.module) and operation not in GHN3_OPERATIONS
+        placed = getattr(entry, "placement", None) is not None
+        dropped = not placed and not is_ghn3_supported(entry.module) and operation not in GHN3_OPERATIONS
         if (norm_bias or dropped) and entry.name not in names:
             names.append(entry.name)
     return names

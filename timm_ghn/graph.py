@@ -42,6 +42,7 @@ from torch import nn
 from timm_ghn import ghn3_graph
 from timm_ghn.errors import TimmGhnError
 from timm_ghn.ghn3_graph import GHN3_OPERATIONS
+from timm_ghn.placement import Placement, is_norm_like
 from timm_ghn.trace import NORM_TYPES, Entry, collect_entries, operation_name, parameter_primitive, trace_output
 
 __all__ = [
@@ -99,9 +100,10 @@ class GraphNode:
 
     ``name`` is the full parameter name for a parameter node, the autograd class name (for
     example ``AddBackward0``) for an operation node, and ``input`` for the input node.
-    ``shape`` is the shape given to the GHN's shape encoder: the parameter's shape, ``(1, 1, kh,
-    kw)`` for a pooling node, None otherwise. ``bias_name`` is the norm-layer bias that is
-    predicted together with a norm weight.
+    ``shape`` is the shape given to the GHN's shape encoder: the parameter's shape (its decoded
+    shape when ``placement`` is set, see :mod:`timm_ghn.placement`), ``(1, 1, kh, kw)`` for a
+    pooling node, None otherwise. ``bias_name`` is the norm-layer bias that is predicted together
+    with a norm weight.
     """
 
     name: str
@@ -113,6 +115,7 @@ class GraphNode:
     is_weight: bool = False
     last_weight: bool = False
     last_bias: bool = False
+    placement: Placement | None = None
 
 
 @dataclasses.dataclass
@@ -147,14 +150,14 @@ class Graph:
 
     @property
     def placed(self) -> list[str]:
-        """Names of the parameters that graph nodes stand for, norm biases included."""
-        names = []
+        """Names of the parameters that graph nodes stand for, norm biases included, each once."""
+        names: dict[str, None] = {}
         for node in self.nodes:
             if node.param_name is not None:
-                names.append(node.param_name)
+                names[node.param_name] = None
             if node.bias_name is not None:
-                names.append(node.bias_name)
-        return names
+                names[node.bias_name] = None
+        return list(names)
 
     def primitive_histogram(self) -> dict[str, int]:
         histogram: dict[str, int] = {}
@@ -353,17 +356,22 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
     n = len(entries)
     for v, entry in enumerate(entries):
         if entry.module is not None:
-            primitive = parameter_primitive(entry.module, entry.name)
             local = entry.name.rsplit(".", 1)[-1]
+            placement = entry.placement
+            if placement is None:
+                primitive, shape, is_weight = parameter_primitive(entry.module, entry.name), entry.shape, local == "weight"
+            else:
+                primitive, shape, is_weight = placement.primitive, placement.decoded_shape, placement.is_weight
             bias_name = None
-            is_weight = local == "weight"
-            if isinstance(entry.module, NORM_TYPES) and getattr(entry.module, "bias", None) is not None:
+            norm = isinstance(entry.module, NORM_TYPES) or (placement is not None and is_norm_like(entry.module))
+            if norm and is_weight and getattr(entry.module, "bias", None) is not None:
                 bias_name = f"{entry.module_name}.bias" if entry.module_name else "bias"
             node = GraphNode(
                 name=entry.name,
                 primitive=primitive,
                 param_name=entry.name,
-                shape=entry.shape,
+                shape=shape,
+                placement=placement,
                 module_name=entry.module_name,
                 bias_name=bias_name,
                 is_weight=is_weight,
@@ -431,6 +439,7 @@ def build_graph(
     input_size: Iterable[int] | None = None,
     ve_cutoff: int = VIRTUAL_EDGE_CUTOFF,
     style: str = "ghn2",
+    extended: bool = True,
 ) -> Graph:
     """Trace ``model`` on the meta device and build its GHN graph.
 
@@ -441,6 +450,9 @@ def build_graph(
             GHN-3, 1 for GHN-1, which has no virtual edges).
         style: ``ghn2`` (the GHN-2 builder's rules, with the extensions above) or ``ghn3`` (the
             GHN-3 builder's rules, :mod:`timm_ghn.ghn3_graph`), matching the GHN that reads it.
+        extended: also place the parameters the original rules skip (layer scales, tokens,
+            position tables, other norms and convolutions; :mod:`timm_ghn.placement`). False
+            builds exactly the original builder's graph.
 
     Returns:
         The graph, with the names of parameters it could not place in ``Graph.unplaced``.
@@ -471,7 +483,7 @@ def build_graph(
     if style not in ("ghn2", "ghn3"):
         raise ValueError(f"invalid graph style {style!r}: expected 'ghn2' or 'ghn3'")
     entries_by_key, edge_keys, skipped = collect_entries(
-        outputs, names["param_names"], names["owners"], keep_all=style == "ghn3"
+        outputs, names["param_names"], names["owners"], keep_all=style == "ghn3", extended=extended
     )
     keys = list(entries_by_key)
     index_of = {id(key): i for i, key in enumerate(keys)}

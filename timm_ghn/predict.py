@@ -19,6 +19,7 @@ from torch import nn
 from timm_ghn.hypernet.checkpoint import LoadedGHN
 from timm_ghn.hypernet.network import GHN2, NodeEmbeddings
 from timm_ghn.graph import Graph, GraphNode, build_graph
+from timm_ghn.placement import Placement, from_decoded
 
 __all__ = ["PredictionResult", "fit_block", "normalize_block", "predict_parameters", "predict_tensors", "decoded_blocks", "write_block_"]
 
@@ -193,12 +194,17 @@ def decoded_blocks(
     ``predict_classifier``. Differentiable: no ``no_grad`` and no in-place writes.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
+    seen: set[str] = set()
     for index, node in enumerate(graph.nodes):
-        if node.param_name is None:
+        # A parameter used by several operations has a node per use; its first use in
+        # topological order decodes it.
+        if node.param_name is None or node.param_name in seen:
             continue
+        seen.add(node.param_name)
         if (node.last_weight or node.last_bias) and not predict_classifier and _is_classifier_key(node, shapes):
             continue
-        key = network.group_key(shapes[node.param_name], node.last_weight, node.last_bias)
+        shape = shapes[node.param_name] if node.placement is None else node.placement.decoded_shape
+        key = network.group_key(shape, node.last_weight, node.last_bias)
         groups.setdefault(key, []).append(index)
 
     for key, members in groups.items():
@@ -229,13 +235,35 @@ def predict_tensors(
     model's output reaches the GHN's weights. ``shapes`` maps parameter names to shapes.
     """
     embeddings = network.embed_nodes(graph).final
+    placements = _placements(graph)
     tensors: dict[str, torch.Tensor] = {}
     for name, raw, is_weight in decoded_blocks(network, graph, embeddings, shapes, predict_classifier):
-        value = fit_block(raw, shapes[name])
-        if network.config.weight_norm:
-            value = normalize_block(value, is_weight)
-        tensors[name] = value
+        tensors[name] = _decoded_tensor(raw, shapes[name], placements.get(name), is_weight, network.config.weight_norm)
     return tensors
+
+
+def _placements(graph: Graph) -> dict[str, Placement]:
+    """Map each parameter (and norm bias) with an extended placement to it."""
+    placements: dict[str, Placement] = {}
+    for node in graph.nodes:
+        if node.placement is not None and node.param_name is not None:
+            placements.setdefault(node.param_name, node.placement)
+            if node.bias_name is not None:
+                placements.setdefault(node.bias_name, dataclasses.replace(node.placement, is_weight=False))
+    return placements
+
+
+def _decoded_tensor(
+    raw: torch.Tensor, shape: tuple[int, ...], placement: Placement | None, is_weight: bool, weight_norm: bool
+) -> torch.Tensor:
+    """Fit and rescale a decoded block to the parameter ``shape``, through its placement if any."""
+    target = shape if placement is None else placement.decoded_shape
+    value = fit_block(raw, target)
+    if weight_norm:
+        value = normalize_block(value, is_weight)
+    if placement is not None:
+        value = from_decoded(value, placement, shape)
+    return value
 
 
 def predict_parameters(
@@ -279,9 +307,15 @@ def predict_parameters(
     with torch.no_grad():
         embeddings = network.embed_nodes(graph)
         shapes = {name: tuple(param.shape) for name, param in params.items()}
+        placements = _placements(graph)
         for name, raw, is_weight in decoded_blocks(network, graph, embeddings.final, shapes, predict_classifier):
             try:
-                write_block_(params[name], raw, is_weight, config.weight_norm)
+                if name in placements:
+                    # Extended placements are small next to the model: build the tensor, then copy.
+                    value = _decoded_tensor(raw, shapes[name], placements[name], is_weight, config.weight_norm)
+                    params[name].copy_(value)
+                else:
+                    write_block_(params[name], raw, is_weight, config.weight_norm)
             except ValueError as error:
                 logger.warning("parameter %s keeps its initialization: %s", name, error)
                 failed.append(name)

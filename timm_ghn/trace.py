@@ -1,7 +1,7 @@
 """One traced forward pass of a model, walked backwards into graph entries and edges.
 
-The model runs on the ``meta`` device through ``torch.func.functional_call`` with meta copies of
-its parameters and buffers, so nothing is allocated or computed and the model is not changed.
+The model runs on the ``meta`` device with meta copies of its parameters and buffers swapped in
+for the call, so nothing is allocated or computed and the model is restored unchanged.
 The autograd graph of the output is then walked depth-first (iteratively, so deep models do not
 hit Python's recursion limit) into entries: parameters of supported layers, or the operation
 itself when it has none.
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from timm_ghn.errors import TimmGhnError
+from timm_ghn.placement import Placement, extended_placement, is_norm_like
 
 __all__ = ["Entry", "collect_entries", "operation_name", "parameter_primitive", "trace_output", "NORM_TYPES"]
 
@@ -51,6 +52,33 @@ class Entry:
     shape: tuple[int, ...] | None = None
     keepdim: str | None = None
     kernel_size: str | None = None
+    placement: Placement | None = None
+
+
+#: Autograd operations that only reshape, cast or copy one input; an extended parameter is found
+#: through a chain of them (``gamma.reshape(1, -1, 1, 1)``, ``cls_token.expand(B, -1, -1)``).
+SHAPE_OPERATIONS = frozenset(
+    ["View", "UnsafeView", "Reshape", "ReshapeAlias", "Expand", "Unsqueeze", "Squeeze", "Permute",
+     "Transpose", "T", "Clone", "ToCopy", "Unbind", "Select", "Slice", "Repeat", "Flatten", "Alias"]
+)
+
+
+def _is_norm(module: nn.Module, extended: bool) -> bool:
+    return isinstance(module, NORM_TYPES) or (extended and is_norm_like(module))
+
+
+def _through_shape_operations(function):
+    """Return the ``AccumulateGrad`` node and the chain of shape operations above it, or None."""
+    chain = []
+    while not hasattr(function, "variable"):
+        if operation_name(type(function).__name__).rstrip("0123456789") not in SHAPE_OPERATIONS:
+            return None
+        children = [child for child, _ in function.next_functions if child is not None]
+        if len(children) != 1:
+            return None
+        chain.append(function)
+        function = children[0]
+    return function, chain
 
 
 def operation_name(label: str) -> str:
@@ -69,18 +97,30 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
             owners[full_name] = (module_name, module)
             names_by_param.setdefault(id(param), full_name)
 
+    # Swap meta tensors into each module's own dicts and restore them afterwards. A module shared
+    # under several names (CoaT's ``cpe``) is swapped once: ``torch.func.functional_call`` saves
+    # and restores per name and left such modules with meta tensors (torch 2.14).
     meta_by_param: dict[int, torch.Tensor] = {}
-    replacements: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) not in meta_by_param:
-            meta_by_param[id(param)] = torch.empty_like(param, device="meta").requires_grad_(True)
-        replacements[name] = meta_by_param[id(param)]
-    for name, buffer in model.named_buffers(remove_duplicate=False):
-        replacements[name] = torch.empty_like(buffer, device="meta")
+    swaps: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
+    for module in model.modules():
+        for local_name, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in meta_by_param:
+                    meta_by_param[id(param)] = torch.empty_like(param, device="meta").requires_grad_(True)
+                swaps.append((module._parameters, local_name, param, meta_by_param[id(param)]))
+        for local_name, buffer in module._buffers.items():
+            if buffer is not None:
+                swaps.append((module._buffers, local_name, buffer, torch.empty_like(buffer, device="meta")))
 
     sample = torch.empty((2, *input_size), device="meta")
-    with torch.enable_grad():
-        output = torch.func.functional_call(model, replacements, (sample,), tie_weights=True, strict=False)
+    try:
+        for table, local_name, _, replacement in swaps:
+            table[local_name] = replacement
+        with torch.enable_grad():
+            output = model(sample)
+    finally:
+        for table, local_name, original, _ in swaps:
+            table[local_name] = original
 
     if isinstance(output, torch.Tensor):
         outputs = [output]
@@ -95,7 +135,9 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
     return outputs, {"param_names": param_names, "owners": owners, "tensors": list(meta_by_param.values())}
 
 
-def collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict, keep_all: bool = False):
+def collect_entries(
+    outputs: list[torch.Tensor], param_names: dict, owners: dict, keep_all: bool = False, extended: bool = False
+):
     """Walk the autograd graph depth-first from the outputs and return the entries and edges.
 
     Entries are registered in discovery order (output side first); an operation with parameters of
@@ -103,33 +145,52 @@ def collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict
     from a producer's last entry to a consumer's first entry, except that an entry named like a
     bias is placed after the consumer's first entry (``weight -> bias``). With ``keep_all`` (the
     GHN-3 builder) parameters of unsupported layers and norm biases become entries too; the GHN-3
-    filter removes them later.
+    filter removes them later. With ``extended``, parameters the original rules skip are placed as
+    :func:`timm_ghn.placement.extended_placement` says, also when a chain of shape operations
+    (``SHAPE_OPERATIONS``) lies between them and the operation that reads them.
     """
     entries: dict[object, Entry] = {}
     memo: dict[object, tuple[object | None, str]] = {}
     edges: list[tuple[object, object]] = []
     skipped: set[str] = set()
+    # A parameter read by several operations (a module shared between blocks, as CoaT's
+    # ``cpe``/``crpe``) gets one entry per use, keyed ``(parameter, operation)`` after the
+    # first: a single entry would join the blocks into a cycle.
+    used: set[object] = set()
+    leaf_links: dict[tuple[object, object], tuple[object, str]] = {}
 
     def enter(function) -> list:
         label = type(function).__name__
         first = last = None
         if not hasattr(function, "variable"):
             leaves = []
+            chains = {}
             for child, _ in function.next_functions:
-                if child is None or not hasattr(child, "variable"):
+                if child is None:
                     continue
+                if not hasattr(child, "variable"):
+                    found = _through_shape_operations(child) if extended else None
+                    if found is None:
+                        continue
+                    chains[found[0]] = (child, found[1])
+                    child = found[0]
                 name = param_names.get(id(child.variable))
                 if name is None:
                     continue
                 module_name, module = owners[name]
                 local = name.rsplit(".", 1)[-1]
+                shape = tuple(child.variable.shape)
+                original = parameter_primitive(module, name) is not None and len(shape) <= 4
+                placement = None if original or not extended else extended_placement(module, local, shape)
+                if child in chains and placement is None:
+                    continue
                 if not keep_all:
-                    if parameter_primitive(module, name) is None or child.variable.dim() > 4:
+                    if not original and placement is None:
                         skipped.add(name)
                         continue
-                    if isinstance(module, NORM_TYPES) and local == "bias":
+                    if _is_norm(module, extended) and local == "bias":
                         continue
-                leaves.append((child, Entry(name, module, module_name, tuple(child.variable.shape))))
+                leaves.append((child, Entry(name, module, module_name, shape, placement=placement)))
             if not leaves:
                 entry = Entry(label, None, None)
                 keepdim = getattr(function, "_saved_keepdim", None) if label.startswith("Mean") else None
@@ -138,11 +199,26 @@ def collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict
                     kernel = getattr(function, "_saved_kernel_size", None)
                     entry.kernel_size = None if kernel is None else str(kernel)
                 leaves = [(function, entry)]
-            for key, entry in leaves:
-                if key not in entries:
-                    entries[key] = entry
-                memo[key] = (key, entry.name)
-            first, last = leaves[0][0], leaves[-1][0]
+            keyed = []
+            for child, entry in leaves:
+                key = child
+                if child is not function and child in used:
+                    key = (child, function)
+                used.add(child)
+                entries.setdefault(key, entry)
+                if child is function:
+                    memo[key] = (key, entry.name)
+                else:
+                    memo.setdefault(child, (key, entry.name))
+                    leaf_links[(function, child)] = (key, entry.name)
+                    if child in chains:
+                        # The chain's operations stand for the parameter: walking them adds nothing.
+                        head, chain = chains[child]
+                        for operation in chain:
+                            memo.setdefault(operation, (key, entry.name))
+                        leaf_links[(function, head)] = (key, entry.name)
+                keyed.append(key)
+            first, last = keyed[0], keyed[-1]
         memo[function] = (last, label)
         return [function, first, list(function.next_functions), 0]
 
@@ -166,7 +242,7 @@ def collect_entries(outputs: list[torch.Tensor], param_names: dict, owners: dict
             new = child not in memo
             if new:
                 child_frame = enter(child)
-            link, label = memo[child]
+            link, label = leaf_links.get((function, child)) or memo[child]
             if link is not None and link is not first:
                 if "bias" in label:
                     edges.append((first, link))
