@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -69,3 +73,60 @@ def _session_cache_dir(tmp_path_factory):
 def _test_cache_dir(tmp_path_factory, monkeypatch):
     """Give each test a fresh, empty cache directory, so no test reads another's entries."""
     monkeypatch.setenv("TIMM_GHN_CACHE", str(tmp_path_factory.mktemp("timm_ghn_cache")))
+
+
+# --- running the CLI in this process -------------------------------------------------------
+
+# Warning categories that Python's default filters hide, so they never reach stderr.
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+@dataclass
+class CliResult:
+    status: int
+    stdout: str
+    stderr_lines: list[str]
+    warnings: list[warnings.WarningMessage] = field(default_factory=list)
+    log_records: list[logging.LogRecord] = field(default_factory=list)
+
+    @property
+    def error_lines(self) -> list[str]:
+        """Every line a real run would print to stderr: output, warnings and log records."""
+        lines = list(self.stderr_lines)
+        lines += [f"{w.category.__name__}: {w.message}" for w in self.warnings]
+        lines += [f"{r.levelname} {r.name}: {r.getMessage()}" for r in self.log_records]
+        return lines
+
+
+@pytest.fixture
+def run_cli(capsys, caplog) -> Callable[..., CliResult]:
+    def run(*args: str) -> CliResult:
+        from timm_ghn.cli import main
+
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                status = main(list(args))
+            except SystemExit as exit_:
+                status = exit_.code
+        captured = capsys.readouterr()
+        visible_warnings = [w for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
+        records = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        return CliResult(status, captured.out, captured.err.splitlines(), visible_warnings, records)
+
+    return run
+
+
+def assert_one_error(result: CliResult, *named: str, status: int = 1) -> str:
+    """Check the status and the single ``timm-ghn: error:`` line, and return that line."""
+    assert result.status == status
+    assert not any(TRACEBACK in line for line in result.stderr_lines)
+    assert len(result.error_lines) == 1, result.error_lines
+    line = result.error_lines[0]
+    assert line.startswith("timm-ghn: error: "), line
+    for value in named:
+        assert value in line
+    return line

@@ -10,7 +10,7 @@ Three ways in:
 
 __version__ = "0.1.0"
 
-from timm_ghn.errors import CheckpointError, InvalidOptionError, OutputPathError, TimmGhnError, UnknownModelError
+from timm_ghn.errors import CheckpointError, CoverageError, InvalidOptionError, OutputPathError, TimmGhnError, UnknownModelError
 from timm_ghn.graph import Graph, build_graph
 from timm_ghn.hypernet import GHN2, GHNConfig, LoadedGHN, load_ghn, save_ghn
 from timm_ghn.options import InitOptions
@@ -22,6 +22,7 @@ from timm_ghn.timm_plugin import ghn, ghn_orth, hub_overlay, pretrained_cfg_over
 
 __all__ = [
     "CheckpointError",
+    "CoverageError",
     "GHN2",
     "GHNConfig",
     "Graph",

@@ -271,8 +271,9 @@ def make_request(
 ) -> tuple[InitRequest, str | os.PathLike | LoadedGHN]:
     """Build the :class:`InitRequest` for the arguments of :func:`timm_ghn.initialize_model`.
 
-    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`. The device is not
-    part of the key. Returns the request and the GHN to predict with (a path or a loaded GHN).
+    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`. The device and
+    ``require_coverage`` are not part of the key. Returns the request and the GHN to predict with
+    (a path or a loaded GHN).
 
     Raises:
         InvalidOptionError: an option is out of range, or ``model_kwargs`` is not JSON-serializable.

@@ -16,8 +16,8 @@ from timm_ghn.cli_options import add_init_options, init_options
 from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.hub import HUB_REPO_ENV, download_by_key, download_entry, hub_repos, push_entries
 from timm_ghn.options import InitOptions
-from timm_ghn.pipeline import InitReport
-from timm_ghn.resolve import copy_entry, resolve_initialization
+from timm_ghn.pipeline import Coverage, InitReport
+from timm_ghn.resolve import copy_entry, entry_coverage, resolve_initialization
 
 __all__ = ["add_predict_options", "check_cache_options", "predict_with_cache", "prediction_line", "register_commands"]
 
@@ -54,11 +54,16 @@ def predict_with_cache(args: argparse.Namespace, options: InitOptions, output: P
     pushed = f", pushed to {args.push_to_hub}" if resolved.pushed else ""
     if resolved.report is None:
         where = "the cache" if resolved.source == "cache" else f"Hub repo {resolved.repo_id}"
-        print(f"{output}: {args.model} {options.method} from {where} (key {key}){pushed}, {resolved.seconds:.2f} s")
+        print(f"{output}: {args.model} {options.method} from {where} (key {key}{_coverage_note(resolved.coverage)}){pushed}, {resolved.seconds:.2f} s")
         return 0
 
     print(f"{prediction_line(output, args.model, resolved.report, resolved.seconds)} (key {key}){pushed}")
     return 0
+
+
+def _coverage_note(coverage: Coverage | None) -> str:
+    """Return ``", 99.12% of parameters predicted"`` for an entry's header, or ``""`` when it lacks the value."""
+    return "" if coverage is None else f", {100 * coverage.fraction:.2f}% of parameters predicted"
 
 
 def prediction_line(path: Path, model_name: str, report: InitReport, seconds: float) -> str:
@@ -74,7 +79,7 @@ def prediction_line(path: Path, model_name: str, report: InitReport, seconds: fl
 
 
 def register_commands(commands: argparse._SubParsersAction) -> None:
-    """Add the ``push``, ``pull`` and ``cache`` commands; ``pull`` takes ``predict``'s options but ``--device``."""
+    """Add the ``push``, ``pull`` and ``cache`` commands; ``pull`` takes ``predict``'s options except ``--device``."""
     push = commands.add_parser(
         "push",
         help="upload cache entries to a Hugging Face Hub model repo",
@@ -101,7 +106,7 @@ def register_commands(commands: argparse._SubParsersAction) -> None:
     pull.add_argument(
         "--key", default=None, metavar="KEY",
         help="take the entry with this key (or key prefix) from the repo's index.json instead of computing the key; "
-        "needs no GHN checkpoint, and options other than MODEL are ignored",
+        "needs no GHN checkpoint, and options other than MODEL and --require-coverage are ignored",
     )
     pull.add_argument("-o", "--output", required=True, metavar="FILE", help="where to write the safetensors file")
     pull.set_defaults(handler=_run_pull)
@@ -142,7 +147,7 @@ def _run_pull(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     options = init_options(args)
     if args.key:
-        return _pull_by_key(args, start)
+        return _pull_by_key(args, options, start)
     repos = hub_repos(args.hub_repo)
     request, _ = make_request(args.model, options)
     cache = LocalCache()
@@ -166,12 +171,13 @@ def _run_pull(args: argparse.Namespace) -> int:
             f"no entry for {args.model} {args.method} with key {request.key[:12]} in {', '.join(repos)}; "
             f"create it with `timm-ghn predict {args.model} ... --push-to-hub {repos[0]}`"
         )
+    coverage = entry_coverage(path, args.model, options.require_coverage)
     output = copy_entry(path, args.output)
-    print(f"{output}: {args.model} {args.method} from {source} (key {request.key[:12]}), {time.perf_counter() - start:.2f} s")
+    print(f"{output}: {args.model} {args.method} from {source} (key {request.key[:12]}{_coverage_note(coverage)}), {time.perf_counter() - start:.2f} s")
     return 0
 
 
-def _pull_by_key(args: argparse.Namespace, start: float) -> int:
+def _pull_by_key(args: argparse.Namespace, options: InitOptions, start: float) -> int:
     repos = hub_repos(args.hub_repo)
     if not repos:
         raise TimmGhnError(f"no Hub repo given: pass --hub-repo REPO_ID or set {HUB_REPO_ENV}")
@@ -183,8 +189,9 @@ def _pull_by_key(args: argparse.Namespace, start: float) -> int:
     else:
         raise TimmGhnError(f"no entry with key {args.key!r} in the index.json of {', '.join(repos)}; see the repo's README for the keys")
     path, record = found
+    coverage = entry_coverage(path, args.model, options.require_coverage)
     output = copy_entry(path, args.output)
-    print(f"{output}: {args.model} {record['method']} from Hub repo {repo_id} (key {args.key}), {time.perf_counter() - start:.2f} s")
+    print(f"{output}: {args.model} {record['method']} from Hub repo {repo_id} (key {args.key}{_coverage_note(coverage)}), {time.perf_counter() - start:.2f} s")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The command-line form of :class:`timm_ghn.options.InitOptions`, shared by ``predict`` and ``pull``.
 
 Defaults come from the dataclass, and the range checks run when the options are built, so the
-CLI only parses text (the JSON of ``--model-kwargs``).
+CLI only parses text (JSON for ``--model-kwargs``, a number for ``--require-coverage``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ def parse_model_kwargs(text: str | None) -> dict:
     if not isinstance(values, dict):
         raise InvalidOptionError(f"invalid --model-kwargs {text!r}: expected a JSON object such as '{{\"drop_rate\": 0.1}}'")
     return values
+
+
+def _parse_required_coverage(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError as error:
+        raise InvalidOptionError(
+            f"invalid --require-coverage {text!r}: not a number; expected a fraction of parameter elements "
+            "from 0 to 1, such as 0.99 for 99%"
+        ) from error
 
 
 def add_init_options(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
@@ -72,6 +84,11 @@ def add_init_options(parser: argparse.ArgumentParser, *, device: bool = True) ->
         "--no-predict-classifier", dest="predict_classifier", action="store_false",
         help="keep timm's init of the head (default when its classes differ from the GHN's)",
     )
+    parser.add_argument(
+        "--require-coverage", default=None, metavar="FRACTION",
+        help="fail, writing no file, when the GHN predicts less than this fraction (0 to 1) of the model's "
+        "parameter elements; the error names the parameter kinds left at timm's init (default: no minimum)",
+    )
 
 
 def init_options(args: argparse.Namespace) -> InitOptions:
@@ -82,4 +99,5 @@ def init_options(args: argparse.Namespace) -> InitOptions:
     """
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(InitOptions) if hasattr(args, field.name)}
     values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
+    values["require_coverage"] = _parse_required_coverage(values.get("require_coverage"))
     return InitOptions(**values)

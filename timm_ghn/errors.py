@@ -23,3 +23,7 @@ class OutputPathError(TimmGhnError, OSError):
 
 class InvalidOptionError(TimmGhnError, ValueError):
     """An option value is out of range (for example a negative beta)."""
+
+
+class CoverageError(TimmGhnError):
+    """The GHN predicted a smaller fraction of a model's parameters than the caller requires."""

@@ -88,6 +88,10 @@ class InitOptions:
     model_kwargs: Mapping[str, Any] | None = None
     """Other ``timm.create_model`` keyword arguments; ``pretrained`` is ignored."""
 
+    require_coverage: float | None = None
+    """Minimum fraction (0 to 1) of parameter elements the GHN must predict; a result below it
+    raises :class:`timm_ghn.errors.CoverageError` and nothing is written. ``None`` accepts any."""
+
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise InvalidOptionError(f"invalid method {self.method!r}: expected one of {', '.join(METHODS)}")
@@ -105,6 +109,7 @@ class InitOptions:
             raise InvalidOptionError(f"invalid predict_classifier {self.predict_classifier!r}: expected True, False or None (auto)")
         object.__setattr__(self, "device", parse_device(self.device))
         self._check_model_kwargs()
+        self._check_required_coverage()
 
     def _check_model_kwargs(self) -> None:
         kwargs = self.model_kwargs
@@ -125,6 +130,16 @@ class InitOptions:
             raise InvalidOptionError(
                 f"--num-classes {classes} conflicts with num_classes {kwargs['num_classes']} in --model-kwargs "
                 "(Python: num_classes and model_kwargs); give one"
+            )
+
+    def _check_required_coverage(self) -> None:
+        required = self.require_coverage
+        if required is None:
+            return
+        if isinstance(required, bool) or not isinstance(required, (int, float)) or not 0 <= required <= 1:
+            raise InvalidOptionError(
+                f"invalid --require-coverage {required!r} (Python: require_coverage={required!r}): expected a fraction "
+                "of parameter elements from 0 to 1, such as 0.99 for 99%"
             )
 
     @property

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from timm.models import split_model_name_tag
 from torch import nn
 
 import timm_ghn
-from timm_ghn.errors import InvalidOptionError, TimmGhnError, UnknownModelError
+from timm_ghn.errors import CoverageError, InvalidOptionError, TimmGhnError, UnknownModelError
 from timm_ghn.export import METADATA_PREFIX, encode_json, save_state_dict
 from timm_ghn.hypernet.checkpoint import LoadedGHN, load_ghn
 from timm_ghn.options import METHODS, InitOptions, with_overrides
@@ -32,6 +33,7 @@ __all__ = [
     "METHODS",
     "DEFAULT_GHN",
     "GHN_ENV",
+    "Coverage",
     "InitOptions",
     "InitReport",
     "check_model_name",
@@ -81,6 +83,8 @@ class InitReport:
             "ghn_name": self.ghn_name,
             "ghn_sha256": self.ghn_sha256,
             "predicted_fraction": f"{self.prediction.fraction_predicted:.6f}",
+            "params_predicted": str(self.prediction.num_params_predicted),
+            "params_total": str(self.prediction.num_params_total),
             "classifier_predicted": str(self.prediction.classifier_predicted).lower(),
             "unpredicted": encode_json(self.prediction.unpredicted),
             "timm_version": timm.__version__,
@@ -92,6 +96,74 @@ class InitReport:
     def summary(self) -> str:
         seconds = self.prediction.graph_seconds + self.prediction.ghn_seconds + self.postprocess_seconds
         return f"{self.model_name}: {self.method}, {self.prediction.summary()}, {seconds:.2f} s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Coverage:
+    """The share of a model's parameter elements that the GHN predicted, and the tensors it left."""
+
+    fraction: float
+    unpredicted: tuple[str, ...]
+    classifier_predicted: bool
+    num_params_predicted: int | None = None
+    num_params_total: int | None = None
+
+    @classmethod
+    def of_prediction(cls, prediction: PredictionResult) -> Coverage:
+        return cls(
+            prediction.fraction_predicted,
+            tuple(prediction.unpredicted),
+            prediction.classifier_predicted,
+            prediction.num_params_predicted,
+            prediction.num_params_total,
+        )
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], source: str | os.PathLike) -> Coverage:
+        """Read the coverage that :meth:`InitReport.metadata` recorded in the header of ``source``.
+
+        Files written before the exact counts were recorded give the fraction rounded to 6 digits.
+
+        Raises:
+            TimmGhnError: the header lacks the predicted fraction, or a value in it is invalid.
+        """
+        values = {key[len(METADATA_PREFIX):]: value for key, value in metadata.items() if key.startswith(METADATA_PREFIX)}
+        try:
+            unpredicted = tuple(json.loads(values["unpredicted"]))
+            predicted = int(values["params_predicted"]) if "params_predicted" in values else None
+            total = int(values["params_total"]) if "params_total" in values else None
+            if predicted is not None and total:
+                fraction = predicted / total
+            else:
+                fraction = float(values["predicted_fraction"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise TimmGhnError(
+                f"{source}: the header does not record how much the GHN predicted ({error!r}), so the required "
+                "coverage cannot be checked; remove the entry with `timm-ghn cache clear KEY` or predict with --no-cache"
+            ) from error
+        return cls(fraction, unpredicted, values.get("classifier_predicted") == "true", predicted, total)
+
+    @property
+    def unpredicted_kinds(self) -> list[str]:
+        """The last name components of the tensors left at the model's own init, such as ``pos_embed``."""
+        return sorted({name.rsplit(".", 1)[-1] for name in self.unpredicted})
+
+    def check(self, model_name: str, required: float | None) -> None:
+        """Raise :class:`CoverageError` when the predicted fraction is below ``required`` (``None``: no minimum)."""
+        if required is None or self.fraction >= required:
+            return
+        counts = ""
+        if self.num_params_predicted is not None and self.num_params_total is not None:
+            counts = f" ({self.num_params_predicted:,} of {self.num_params_total:,})"
+        kinds = ", ".join(self.unpredicted_kinds) or "none"
+        first_names = ", ".join(self.unpredicted[:3]) + (", ..." if len(self.unpredicted) > 3 else "")
+        tensors = f" ({len(self.unpredicted)} tensors: {first_names})" if self.unpredicted else ""
+        head = "" if self.classifier_predicted else "; the classifier was not predicted (see --predict-classifier)"
+        raise CoverageError(
+            f"{model_name}: the GHN predicted {self.fraction:.6f} of the parameter elements{counts}, below "
+            f"--require-coverage {required!r}; parameter kinds left at timm's init: {kinds}{tensors}{head}; "
+            "lower --require-coverage (Python: require_coverage) or use a model whose graph places these parameters"
+        )
 
 
 def check_model_name(model_name: str) -> None:
@@ -129,8 +201,8 @@ def initialize_model(model_name: str, options: InitOptions | None = None, **fiel
 
     Args:
         model_name: a name from ``timm.list_models()``, optionally with a pretrained tag.
-        options: method, GHN, GHN-orth settings, seed, device and model arguments (see
-            :class:`InitOptions`); default ``InitOptions()``.
+        options: method, GHN, GHN-orth settings, seed, device, model arguments and required
+            coverage (see :class:`InitOptions`); default ``InitOptions()``.
         fields: :class:`InitOptions` fields that replace those of ``options``, such as
             ``method="ghn"`` or ``model_kwargs={"num_classes": 10}``.
 
@@ -138,6 +210,7 @@ def initialize_model(model_name: str, options: InitOptions | None = None, **fiel
         The model (in training mode, on the options' device) and its :class:`InitReport`.
 
     Raises:
+        CoverageError: the GHN predicted less than ``require_coverage`` of the parameter elements.
         TimmGhnError: an unknown model, an invalid option or an unusable GHN checkpoint.
     """
     options = with_overrides(options, fields)
@@ -156,6 +229,8 @@ def initialize_model(model_name: str, options: InitOptions | None = None, **fiel
     create_seconds = time.perf_counter() - start
 
     prediction = predict_parameters(model, loaded, predict_classifier=options.predict_classifier)
+    logger.info("%s: %s", model_name, prediction.summary())
+    Coverage.of_prediction(prediction).check(model_name, options.require_coverage)
 
     orth = None
     start = time.perf_counter()
@@ -182,7 +257,6 @@ def initialize_model(model_name: str, options: InitOptions | None = None, **fiel
         create_seconds=create_seconds,
         postprocess_seconds=postprocess_seconds,
     )
-    logger.info("%s", report.summary())
     return model, report
 
 

@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from timm_ghn.cache import InitRequest, LocalCache, atomic_copy, make_request
-from timm_ghn.errors import CheckpointError, OutputPathError
+from timm_ghn.cache import InitRequest, LocalCache, atomic_copy, make_request, read_header
+from timm_ghn.errors import CheckpointError, OutputPathError, TimmGhnError
 from timm_ghn.export import check_output_path, save_state_dict
 from timm_ghn.hub import HubAccessError, HubUnavailableError, download_entry, hub_repos, push_entries
-from timm_ghn.hypernet.checkpoint import LoadedGHN
 from timm_ghn.options import InitOptions, with_overrides
-from timm_ghn.pipeline import InitReport, initialize_model
+from timm_ghn.pipeline import Coverage, InitReport, initialize_model
 
-__all__ = ["Resolved", "copy_entry", "resolve_initialization"]
+__all__ = ["Resolved", "copy_entry", "entry_coverage", "resolve_initialization"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ class Resolved:
     report: InitReport | None = None
     pushed: str | None = None
     seconds: float = 0.0
+    coverage: Coverage | None = None
+    """Share of the parameters that the GHN predicted, from the report or the entry's header; ``None`` if the header lacks it."""
 
 
 def copy_entry(source: Path, output: str | os.PathLike) -> Path:
@@ -49,6 +50,25 @@ def copy_entry(source: Path, output: str | os.PathLike) -> Path:
         return atomic_copy(source, output)
     except OSError as error:
         raise OutputPathError(f"cannot write {output}: {error.strerror or error}") from error
+
+
+def entry_coverage(path: Path, model_name: str, required: float | None = None) -> Coverage | None:
+    """Return the coverage recorded in the header of an entry of ``model_name``.
+
+    Raises:
+        CoverageError: the recorded fraction is below ``required``.
+        TimmGhnError: ``required`` is set and the header does not record the fraction.
+    """
+    header, _ = read_header(path)
+    try:
+        coverage = Coverage.from_metadata(header.get("__metadata__") or {}, path)
+    except TimmGhnError:
+        if required is None:
+            return None
+        raise
+    logger.info("%s: the entry %s records %.2f%% of parameter elements predicted", model_name, path.name, 100 * coverage.fraction)
+    coverage.check(model_name, required)
+    return coverage
 
 
 def _from_hub(request: InitRequest, cache: LocalCache, repos: list[str], push_to: str | None) -> tuple[Path, str] | None:
@@ -81,7 +101,9 @@ def resolve_initialization(
 ) -> Resolved:
     """Return a checked file for an initialization: cached, downloaded from the Hub, or predicted.
 
-    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`.
+    ``options`` and ``fields`` are those of :func:`timm_ghn.initialize_model`. With
+    ``require_coverage``, an entry from the cache or the Hub is checked against the fraction in
+    its header before it is copied to ``output`` or pushed.
 
     Args:
         cache_dir: the cache directory (default :func:`timm_ghn.cache.default_cache_dir`).
@@ -92,6 +114,7 @@ def resolve_initialization(
 
     Raises:
         HubAccessError: a repo returned 401, 403 or 404 (other than ``push_to_hub`` before it exists).
+        CoverageError: the GHN predicted less than ``require_coverage``; nothing is written or pushed.
         TimmGhnError: any error of :func:`timm_ghn.initialize_model` or of the output path.
     """
     start = time.perf_counter()
@@ -126,9 +149,10 @@ def _resolve_locked(
             path = cache.lookup(request)
             if path is None:
                 return _fill(request, options, cache, repos, push_to, output)
+    coverage = entry_coverage(path, request.model_name, options.require_coverage)
     if output is not None:
         copy_entry(path, output)
-    return Resolved(path, request, "cache")
+    return Resolved(path, request, "cache", coverage=coverage)
 
 
 def _fill(
@@ -143,9 +167,10 @@ def _fill(
     found = _from_hub(request, cache, repos, push_to)
     if found is not None:
         path, repo_id = found
+        coverage = entry_coverage(path, request.model_name, options.require_coverage)
         if output is not None:
             copy_entry(path, output)
-        return Resolved(path, request, "hub", repo_id=repo_id)
+        return Resolved(path, request, "hub", repo_id=repo_id, coverage=coverage)
 
     logger.info("predicting %s %s (key %s)", request.model_name, request.method, request.key[:12])
     # The request's resolved start layer and JSON-normalised kwargs are what the key describes.
@@ -163,4 +188,4 @@ def _fill(
     else:
         cache.ensure_root()
         path = save_state_dict(model, cache.path_for(request), metadata)
-    return Resolved(path, request, "predicted", report=report)
+    return Resolved(path, request, "predicted", report=report, coverage=Coverage.of_prediction(report.prediction))

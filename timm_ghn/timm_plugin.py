@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from timm_ghn.cache import CACHE_ENV, default_cache_dir, make_request
 from timm_ghn.hub import hub_overlay as _hub_overlay
 from timm_ghn.hub import hub_repos
-from timm_ghn.errors import TimmGhnError
+from timm_ghn.errors import InvalidOptionError, TimmGhnError
 from timm_ghn.options import InitOptions
 from timm_ghn.pipeline import initialize_model, write_initialization
 from timm_ghn.resolve import resolve_initialization
@@ -67,7 +67,7 @@ def pretrained_cfg_overlay(
         hub_repo: Hub repo id(s) to look the entry up in (default ``$TIMM_GHN_HUB_REPO``).
         push_to_hub: upload the entry to this Hub repo.
         options: the other :class:`timm_ghn.options.InitOptions` fields: ``beta``, ``start_layer``,
-            ``variant``, ``seed``, ``device``, ``predict_classifier``.
+            ``variant``, ``seed``, ``device``, ``predict_classifier``, ``require_coverage``.
 
     Returns:
         ``{'file': path, 'source': 'timm_ghn', 'num_classes': n, 'custom_load': False, 'label_offset': 0}``.
@@ -112,10 +112,19 @@ def hub_overlay(
         hub_repo: the repo id (default the first of ``$TIMM_GHN_HUB_REPO``).
         options: the other :class:`timm_ghn.options.InitOptions` fields (``beta``, ``start_layer``,
             ``variant``, ``seed``, ``predict_classifier``); ``device`` is ignored.
+
+    Raises:
+        InvalidOptionError: ``require_coverage`` is given; the entry is not downloaded, so its
+            header cannot be checked.
     """
     repos = hub_repos(hub_repo)
     if not repos:
         raise TimmGhnError("no Hub repo given: pass hub_repo='user/repo' or set TIMM_GHN_HUB_REPO")
+    if options.get("require_coverage") is not None:
+        raise InvalidOptionError(
+            "hub_overlay cannot check require_coverage, because it does not download the entry; "
+            "use timm_ghn.ghn_orth(..., hub_repo=REPO, require_coverage=...) instead"
+        )
     # The overlay only names a file, so nothing runs on the device.
     options.pop("device", None)
     request, _ = make_request(model_name, method=method, ghn=ghn, num_classes=num_classes, model_kwargs=model_kwargs, **options)
