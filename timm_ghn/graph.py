@@ -173,7 +173,7 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     Otherwise the shape is timm's ``pretrained_cfg`` ``input_size`` (default ``(3, 224, 224)``),
     corrected for constructor arguments that the config does not follow: the channels become the
     ``in_channels`` of the first convolution, and the image size becomes the ``img_size`` of a
-    ``patch_embed`` module, which ViT-like models require exactly.
+    ``patch_embed`` (or MLP-Mixer's ``stem``) module, which ViT-like models require exactly.
     """
     size = getattr(model, "expected_input_sz", None)
     if isinstance(size, int):
@@ -186,7 +186,8 @@ def default_input_size(model: nn.Module) -> tuple[int, ...]:
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None:
         channels = first_conv.in_channels
-    patch_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    embedders = [getattr(model, "patch_embed", None), getattr(model, "stem", None)]
+    patch_size = next((m.img_size for m in embedders if getattr(m, "img_size", None) is not None), None)
     if isinstance(patch_size, (tuple, list)) and len(patch_size) == 2:
         height, width = (int(s) for s in patch_size)
     elif isinstance(patch_size, int):

@@ -25,6 +25,10 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.L
 
 def parameter_primitive(module: nn.Module, name: str) -> str | None:
     """Return the primitive of a parameter of ``module``, or None if the module is unsupported."""
+    local = name.rsplit(".", 1)[-1]
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and local not in ("weight", "bias"):
+        # Extra parameters of timm's subclasses (the ``gain`` of ``ScaledStdConv2d``) are not kernels.
+        return None
     if isinstance(module, nn.Conv2d):
         if "bias" in name:
             return "bias"
@@ -112,6 +116,8 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
             if buffer is not None:
                 swaps.append((module._buffers, local_name, buffer, torch.empty_like(buffer, device="meta")))
 
+    # NOTE: a module that caches a tensor per device in eval mode (LeViT's attention biases) is
+    # traced from that cache after its first trace, and the parameter behind it is then unplaced.
     sample = torch.empty((2, *input_size), device="meta")
     try:
         for table, local_name, _, replacement in swaps:

@@ -1,0 +1,230 @@
+"""Placement of the parameters the original GHN rules skip, checked on small models of each family."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from timm.layers import LayerScale
+from torch import nn
+
+from conftest import SHARED
+from timm_ghn.graph import build_graph
+from timm_ghn.hypernet import load_ghn
+from timm_ghn.pipeline import DEFAULT_GHN
+from timm_ghn.placement import Placement, extended_placement, from_decoded, to_decoded
+from timm_ghn.predict import predict_parameters
+
+
+class Owner(nn.Module):
+    """A module that owns a parameter under a given name, as timm models own tokens and tables."""
+
+
+@pytest.mark.parametrize(
+    "module, local, shape, primitive, decoded_shape",
+    [
+        (LayerScale(96), "gamma", (96,), "cse", (96,)),
+        (Owner(), "gamma", (64, 1, 1), "cse", (64,)),
+        (Owner(), "temperature", (8, 1, 1), "cse", (8,)),
+        (Owner(), "skipinit_gain", (), "cse", (1,)),
+        (Owner(), "alpha", (4, 320), "cse", (1280,)),
+        (Owner(), "q_bias", (768,), "bias", (768,)),
+        (nn.GroupNorm(4, 32), "weight", (32,), "ln", (32,)),
+        (Owner(), "cls_token", (1, 1, 384), "pos_enc", (1, 384, 1, 1)),
+        (Owner(), "reg_token", (1, 4, 96), "pos_enc", (1, 96, 2, 2)),
+        (Owner(), "pos_embed", (1, 197, 192), "pos_enc", (1, 192, 14, 14)),
+        (Owner(), "pos_embed", (1, 256, 31, 31), "pos_enc", (1, 256, 31, 31)),
+        (Owner(), "pos_embed", (1, 14, 14, 384), "pos_enc", (1, 384, 14, 14)),
+        (Owner(), "relative_position_bias_table", (732, 12), "pos_enc", (1, 12, 27, 27)),
+        (Owner(), "relative_position_bias_table", (12, 13, 13), "pos_enc", (1, 12, 13, 13)),
+        (Owner(), "attention_biases", (8, 49), "pos_enc", (1, 8, 7, 7)),
+        (Owner(), "rel_pos_h", (55, 96), "pos_enc", (1, 96, 1, 55)),
+        (nn.Conv1d(320, 27, 1), "weight", (27, 320, 1), "conv", (27, 320, 1, 1)),
+        (nn.Conv1d(8, 8, 3, groups=8), "weight", (8, 1, 3), "sep_conv", (8, 1, 3, 1)),
+        (nn.Conv3d(1, 16, (9, 9, 1)), "weight", (16, 1, 9, 9, 1), "conv", (16, 9, 9, 1)),
+        (nn.ConvTranspose2d(64, 128, 4), "weight", (64, 128, 4, 4), "conv", (128, 64, 4, 4)),
+        (nn.ConvTranspose2d(64, 128, 4), "bias", (128,), "bias", (128,)),
+        (Owner(), "w_g", (64, 1), "conv", (1, 64)),
+    ],
+)
+def test_extended_placement_table(module, local, shape, primitive, decoded_shape):
+    placement = extended_placement(module, local, shape)
+
+    assert placement is not None
+    assert placement.primitive == primitive
+    assert placement.decoded_shape == decoded_shape
+
+
+@pytest.mark.parametrize(
+    "module, local, shape",
+    [
+        (Owner(), "lambda_q1", (32,)),
+        (Owner(), "freqs", (2, 12, 12, 32)),
+        (nn.LSTM(8, 8), "weight_ih_l0", (32, 8)),
+    ],
+)
+def test_excluded_kinds_stay_unplaced(module, local, shape):
+    assert extended_placement(module, local, shape) is None
+
+
+def test_scale_and_shift_use_their_1d_rules():
+    assert extended_placement(LayerScale(8), "gamma", (8,)).is_weight
+    assert not extended_placement(Owner(), "v_bias", (8,)).is_weight
+    assert not extended_placement(Owner(), "tau", (8,)).is_weight
+
+
+@pytest.mark.parametrize(
+    "module, local, shape",
+    [
+        (Owner(), "pos_embed", (1, 197, 16)),
+        (Owner(), "pos_embed", (1, 16, 7, 7)),
+        (Owner(), "pos_embed", (1, 7, 7, 16)),
+        (Owner(), "attention_biases", (4, 49)),
+        (Owner(), "alpha", (4, 10)),
+        (nn.Conv1d(6, 4, 3), "weight", (4, 6, 3)),
+        (nn.ConvTranspose2d(6, 4, 3), "weight", (6, 4, 3, 3)),
+        (Owner(), "w_g", (6, 1)),
+    ],
+)
+def test_layout_round_trip(module, local, shape):
+    placement = extended_placement(module, local, shape)
+    tensor = torch.randn(shape)
+
+    decoded = to_decoded(tensor, placement)
+    restored = from_decoded(decoded, placement, shape)
+
+    assert tuple(decoded.shape) == placement.decoded_shape
+    assert tuple(restored.shape) == shape
+    if placement.prefix_rows:
+        # Prefix rows (class-token positions) come back as zeros, the rest unchanged.
+        assert torch.equal(restored[:, placement.prefix_rows :], tensor[:, placement.prefix_rows :])
+        assert torch.equal(restored[:, : placement.prefix_rows], torch.zeros_like(tensor[:, : placement.prefix_rows]))
+    else:
+        assert torch.equal(restored, tensor)
+
+
+def test_embedding_rows_follow_grid():
+    """Position ``(y, x)`` of the decoded map is token ``prefix + y·w + x`` of the table."""
+    placement = Placement("pos_enc", (1, 3, 2, 2), "embedding", prefix_rows=1)
+    decoded = torch.arange(12.0).reshape(1, 3, 2, 2)
+
+    table = from_decoded(decoded, placement, (1, 5, 3))
+
+    assert torch.equal(table[0, 0], torch.zeros(3))
+    assert torch.equal(table[0, 1], decoded[0, :, 0, 0])
+    assert torch.equal(table[0, 2], decoded[0, :, 0, 1])
+    assert torch.equal(table[0, 4], decoded[0, :, 1, 1])
+
+
+# --- small models of each family, predicted on the CPU ----------------------------------------
+
+FAMILIES = {
+    # name: (constructor kwargs, parameter kinds the mapping places that the original rules skip)
+    "test_vit": ({}, {"cls_token", "pos_embed"}),
+    "test_vit2": ({}, {"reg_token", "gamma"}),
+    "test_vit3": ({}, {"latent", "pos_embed"}),
+    "test_vit_relpos": ({}, set()),
+    "test_convnext": ({}, {"gamma"}),
+    "test_coatnet": ({}, {"relative_position_bias_table"}),
+    "test_maxvit": ({}, {"relative_position_bias_table"}),
+    "test_efficientnet_gn": ({}, {"weight", "bias"}),
+    "test_efficientnet_evos": ({}, {"v", "weight", "bias"}),
+    "test_nfnet": ({}, {"gain"}),
+    "mixer_s16_224": ({"img_size": 64}, set()),
+    "swin_tiny_patch4_window7_224": ({"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}, {"relative_position_bias_table"}),
+    "swinv2_tiny_window8_256": ({"embed_dim": 24, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 1, 1)}, {"logit_scale", "q_bias", "v_bias"}),
+    "beit_base_patch16_224": ({"embed_dim": 32, "depth": 2, "num_heads": 2, "img_size": 64}, {"cls_token", "gamma_1", "q_bias", "relative_position_bias_table"}),
+    "coat_lite_tiny": ({}, {"cls_token1"}),
+    "edgenext_xx_small": ({}, {"gamma_xca", "temperature"}),
+    "deit_tiny_distilled_patch16_224": ({"depth": 2, "img_size": 64}, {"dist_token"}),
+    "pit_ti_224": ({"img_size": 96}, {"pos_embed"}),
+    "levit_128s": ({}, {"attention_biases"}),
+    "efficientvim_m1": ({}, {"alpha", "weight"}),
+    "swiftformer_xs": ({}, {"w_g", "gamma"}),
+    "convnextv2_atto": ({}, {"weight", "bias"}),
+    "efficientnet_cc_b0_4e": ({}, {"weight"}),
+    "lambda_resnet26t": ({}, {"weight"}),
+}
+
+
+@pytest.fixture(scope="module")
+def bundled_ghn():
+    return load_ghn(DEFAULT_GHN)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_fully_predicted(bundled_ghn, name):
+    kwargs, new_kinds = FAMILIES[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    initial = {key: value.clone() for key, value in model.named_parameters()}
+    original = build_graph(model, extended=False)
+
+    result = predict_parameters(model, bundled_ghn, predict_classifier=True)
+
+    assert result.unpredicted == []
+    assert result.fraction_predicted == 1.0
+    skipped_before = {name.rsplit(".", 1)[-1] for name in original.unplaced}
+    assert new_kinds <= skipped_before, "the kinds under test are ones the original rules skip"
+    for key, value in model.named_parameters():
+        assert torch.isfinite(value).all(), key
+        if value.numel() > 1:
+            assert not torch.equal(value, initial[key]), f"{key} kept its initialization"
+    with torch.no_grad():
+        output = model.eval()(torch.randn(2, *result.graph.input_size))
+    assert torch.isfinite(output).all()
+
+
+def test_every_parameter_is_predicted_or_listed(bundled_ghn, caplog):
+    """A kind left at timm's init (differential-attention lambdas) is listed and logged by name."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_dlittle_patch16_reg1_gap_256", depth=1, img_size=64)
+
+    with caplog.at_level(logging.WARNING, logger="timm_ghn"):
+        result = predict_parameters(model, bundled_ghn, predict_classifier=True)
+
+    lambdas = sorted(name for name, _ in model.named_parameters() if ".lambda_" in name)
+    assert lambdas
+    assert sorted(result.unpredicted) == lambdas
+    assert sorted(result.predicted + result.unpredicted) == sorted(name for name, _ in model.named_parameters())
+    assert lambdas[0] in caplog.text
+
+
+def test_shared_module_gets_node_per_use():
+    """CoaT applies one ``cpe`` module in several blocks: one node per use, no cycle."""
+    with torch.device("meta"):
+        model = timm.create_model("coat_lite_tiny")
+
+    graph = build_graph(model)
+
+    uses = [node for node in graph.nodes if node.param_name == "cpe1.proj.weight"]
+    assert len(uses) == 2
+    assert graph.placed.count("cpe1.proj.weight") == 1
+
+
+def test_tracing_restores_shared_module():
+    model = timm.create_model("coat_lite_tiny")
+    before = {name: p for name, p in model.named_parameters()}
+
+    build_graph(model)
+
+    after = dict(model.named_parameters())
+    assert all(after[name] is before[name] for name in before)
+    assert not any(p.is_meta for p in after.values())
+
+
+def test_ghn3_style_places_tokens():
+    path = SHARED / "reference" / "ghn3" / "ghn3tm8_rand_seed0.pt"
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    ghn = load_ghn(path)
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit")
+
+    result = predict_parameters(model, ghn, predict_classifier=True)
+
+    assert result.unpredicted == []
+    assert {"cls_token", "pos_embed"} <= set(result.predicted)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
