@@ -12,6 +12,8 @@ constructor arguments:
 
 Results go to a JSON file (resumable: models already in it are skipped) and a Markdown report
 with one table per family (the leading letters of the name: ``resnet``, ``convnext``, ``vit``).
+Each model is measured by :func:`timm_ghn.coverage.measure_architecture`, which ``timm-ghn
+coverage`` also runs; this script adds worker processes with a memory limit and the report.
 
 Usage::
 
@@ -27,83 +29,30 @@ import fnmatch
 import json
 import logging
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 
-def measure(name: str, ghn, max_params: int | None) -> dict[str, Any]:
-    """Return the coverage record of one architecture; failures are recorded, not raised."""
-    import timm
-    import torch
-
-    from timm_ghn.graph import build_graph
-    from timm_ghn.predict import predict_parameters
-
-    record: dict[str, Any] = {}
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name)
-    except Exception as error:  # any constructor failure is reported per model
-        record["error"] = f"create: {type(error).__name__}: {str(error)[:300]}"
-        return record
-
-    params = dict(model.named_parameters())
-    record["tensors"] = len(params)
-    record["params"] = sum(p.numel() for p in params.values())
-    style = ghn.model.config.graph_style if ghn is not None else "ghn2"
-    try:
-        start = time.perf_counter()
-        graph = build_graph(model, style=style)
-        record["graph_seconds"] = time.perf_counter() - start
-    except Exception as error:  # the sweep reports every failing architecture with its reason
-        record["error"] = f"graph: {type(error).__name__}: {str(error)[:300]}"
-        return record
-
-    record["nodes"] = graph.num_nodes
-    record["edges"] = int((graph.adjacency > 0).sum())
-    record["placed_tensors"] = len(params) - len(graph.unplaced)
-    record["placed_params"] = record["params"] - sum(params[n].numel() for n in graph.unplaced)
-    record["unplaced_kinds"] = sorted({n.rsplit(".", 1)[-1] for n in graph.unplaced})
-
-    if ghn is not None and max_params is not None and record["params"] <= max_params:
-        try:
-            torch.manual_seed(0)
-            real = timm.create_model(name)
-            start = time.perf_counter()
-            result = predict_parameters(real, ghn)
-            record["predict_seconds"] = time.perf_counter() - start
-            record["predicted_params"] = result.num_params_predicted
-        except Exception as error:  # prediction failures are caught per model and reported
-            record["predict_error"] = f"{type(error).__name__}: {str(error)[:300]}"
-    return record
-
-
-def fraction(record: dict[str, Any]) -> float:
-    return record["placed_params"] / record["params"] if record.get("params") else 1.0
-
-
 def write_markdown(results: dict[str, dict[str, Any]], path: Path, command: str) -> None:
     """Write the summary and one table per family."""
-    built = {k: v for k, v in results.items() if "error" not in v}
-    full = [k for k, v in built.items() if fraction(v) >= 0.99]
-    kinds = collections.Counter(kind for v in built.values() for kind in v["unplaced_kinds"])
-    times = [v["graph_seconds"] for v in built.values()]
-    predicted = [k for k, v in built.items() if "predicted_params" in v]
-    failed_predictions = [k for k, v in built.items() if "predict_error" in v]
+    from timm_ghn.coverage import ArchitectureCoverage, summarize
+
+    measured = {name: ArchitectureCoverage.from_record(name, record) for name, record in results.items()}
+    built = {name: result for name, result in measured.items() if result.graph_built}
+    summary = summarize(measured.values())
 
     lines = ["# timm architecture coverage", "", f"Command: `{command}`", ""]
-    lines.append(f"- architectures: {len(results)}; graph built: {len(built)} ({len(built) / max(1, len(results)):.1%})")
-    lines.append(f"- at least 99% of parameters placed in the graph: {len(full)} ({len(full) / max(1, len(built)):.1%} of built)")
-    if times:
-        lines.append(f"- graph time per model: median {statistics.median(times):.3f} s, max {max(times):.2f} s")
-    if predicted or failed_predictions:
-        lines.append(f"- predicted on CPU: {len(predicted)}; prediction failures: {len(failed_predictions)}")
-    lines.append("- parameter kinds left unplaced (models): " + ", ".join(f"`{k}` {n}" for k, n in kinds.most_common(30)))
+    lines.append(f"- architectures: {summary.models}; graph built: {summary.built} ({summary.built / max(1, summary.models):.1%})")
+    lines.append(f"- at least 99% of parameters placed in the graph: {summary.fully_placed} ({summary.fully_placed / max(1, summary.built):.1%} of built)")
+    if summary.median_graph_seconds is not None:
+        lines.append(f"- graph time per model: median {summary.median_graph_seconds:.3f} s, max {summary.max_graph_seconds:.2f} s")
+    if summary.predicted or summary.predict_failures:
+        lines.append(f"- predicted on CPU: {summary.predicted}; prediction failures: {summary.predict_failures}")
+    lines.append("- parameter kinds left unplaced (models): " + ", ".join(f"`{k}` {n}" for k, n in summary.unplaced_kinds.most_common(30)))
     lines.append("")
-    failures = {k: v["error"] for k, v in results.items() if "error" in v}
+    failures = {name: result.error for name, result in measured.items() if not result.graph_built}
     if failures:
         lines += ["## Graph failures", "", "| model | error |", "| --- | --- |"]
         lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(failures.items())]
@@ -116,8 +65,8 @@ def write_markdown(results: dict[str, dict[str, Any]], path: Path, command: str)
         for name in names:
             v = built[name]
             lines.append(
-                f"| {name} | {v['nodes']} | {v['graph_seconds']:.3f} | {v['placed_tensors']}/{v['tensors']} "
-                f"| {100 * fraction(v):.2f}% | {', '.join(v['unplaced_kinds'])} |"
+                f"| {name} | {v.nodes} | {v.graph_seconds:.3f} | {v.placed_tensors}/{v.tensors} "
+                f"| {100 * v.placed_fraction:.2f}% | {', '.join(v.unplaced_kinds)} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))
@@ -142,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import timm
 
     from timm_ghn import load_ghn
+    from timm_ghn.coverage import measure_architecture
 
     # A model that allocates real tensors while built on the meta device fails with MemoryError
     # here instead of exhausting the machine's memory.
@@ -160,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         measured += 1
         try:
-            results[name] = measure(name, ghn, args.predict_max_params)
+            results[name] = measure_architecture(name, ghn, args.predict_max_params).to_record()
         except MemoryError:
             results[name] = {"error": f"create: MemoryError above {args.memory_limit_gb} GB while building on the meta device"}
         if measured % 10 == 0:

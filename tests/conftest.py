@@ -130,3 +130,23 @@ def assert_one_error(result: CliResult, *named: str, status: int = 1) -> str:
     for value in named:
         assert value in line
     return line
+
+
+# --- what a prediction with the bundled GHN leaves ---------------------------------------------
+
+#: Classes of the bundled GHN; a head with another number of classes keeps timm's init.
+BUNDLED_GHN_CLASSES = 5
+
+
+def bundled_ghn_unpredicted(model: torch.nn.Module) -> list[str]:
+    """Return the parameter names that a prediction with the bundled GHN leaves at timm's init.
+
+    They are the parameters the graph does not place and, when the head's classes differ from the
+    bundled GHN's, the head. The names come from timm and the graph, never from a prediction.
+    """
+    from timm_ghn.graph import build_graph
+
+    left = set(build_graph(model).unplaced)
+    if model.num_classes != BUNDLED_GHN_CLASSES:
+        left |= {name for name, param in model.named_parameters() if any(param is p for p in model.get_classifier().parameters())}
+    return [name for name, _ in model.named_parameters() if name in left]

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from timm_ghn import evaluate, train
+from timm_ghn import coverage_cli, evaluate, train
 from timm_ghn.cache_cli import add_predict_options, check_cache_options, predict_with_cache, prediction_line, register_commands
 from timm_ghn.cli_options import add_init_options, init_options
 from timm_ghn.errors import TimmGhnError
@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_commands(commands)
     train.add_parser(commands)
     evaluate.add_parser(commands)
+    coverage_cli.add_parser(commands)
     _add_convert_parser(commands)
     study_command.add_parser(commands)
     diagnose.add_parser(commands)
