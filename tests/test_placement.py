@@ -146,6 +146,7 @@ FAMILIES = {
     "convnextv2_atto": ({}, {"weight", "bias"}),
     "efficientnet_cc_b0_4e": ({}, {"weight"}),
     "lambda_resnet26t": ({}, {"weight"}),
+    "sequencer2d_s": ({"layers": (1, 1, 1, 1)}, {"weight_ih_l0", "weight_hh_l0_reverse", "bias_ih_l0"}),
 }
 
 
@@ -213,6 +214,23 @@ def test_tracing_restores_shared_module():
     after = dict(model.named_parameters())
     assert all(after[name] is before[name] for name in before)
     assert not any(p.is_meta for p in after.values())
+
+
+def test_recurrent_layers_traced_once_per_weight():
+    """Sequencer2d's bidirectional LSTMs unroll into 20k+ autograd nodes; the stand-in reads each weight once."""
+    with torch.device("meta"):
+        model = timm.create_model("sequencer2d_s")
+    lstm = model.stages[0].blocks[0].rnn_tokens.rnn_v
+
+    graph = build_graph(model)
+
+    assert graph.unplaced == []
+    assert graph.num_nodes < 1000
+    assert "forward" not in vars(lstm), "the stand-in forward is removed after tracing"
+    names = [node.param_name for node in graph.nodes]
+    weight_ih = names.index("stages.0.blocks.0.rnn_tokens.rnn_v.weight_ih_l0")
+    weight_hh = names.index("stages.0.blocks.0.rnn_tokens.rnn_v.weight_hh_l0")
+    assert graph.adjacency[weight_ih, weight_hh] == 1
 
 
 def test_ghn3_style_places_tokens():

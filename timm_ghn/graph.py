@@ -232,9 +232,13 @@ def group_key(
 
 
 def _fix_linear_layers(entries: list[Entry], adjacency: np.ndarray) -> None:
-    """Reorder ``producer -> bias <- weight`` of ``nn.Linear`` into ``producer -> weight -> bias``."""
+    """Reorder ``producer -> bias <- weight`` of ``nn.Linear`` into ``producer -> weight -> bias``.
+
+    Recurrent layers traced through their stand-in (``weight_ih``, ``weight_hh``) get the same fix.
+    """
     for i, entry in enumerate(entries):
-        if not isinstance(entry.module, nn.Linear) or ".weight" not in "." + entry.name:
+        recurrent = isinstance(entry.module, nn.RNNBase) and entry.name.rsplit(".", 1)[-1].startswith("weight_")
+        if not (recurrent or (isinstance(entry.module, nn.Linear) and ".weight" in "." + entry.name)):
             continue
         for j in np.flatnonzero(adjacency[i]).tolist():
             sources = np.flatnonzero(adjacency[:, j])
@@ -490,8 +494,8 @@ def build_graph(
     index_of = {id(key): i for i, key in enumerate(keys)}
     entries = [entries_by_key[key] for key in keys]
     if len(entries) > MAX_TRACED_ENTRIES:
-        # NOTE: the rewriting steps use a dense matrix, so models whose traced graph is this large
-        # (recurrent layers unrolled over every position, as in Sequencer2d) are not supported yet.
+        # NOTE: the rewriting steps use a dense matrix, so larger traced graphs are not supported.
+        # No timm 1.0.31 architecture reaches the limit once recurrent layers use their stand-in.
         raise TimmGhnError(
             f"the traced graph of {type(model).__name__} has {len(entries)} entries, more than the "
             f"{MAX_TRACED_ENTRIES} a dense graph can hold here; this model is not supported"

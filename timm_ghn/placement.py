@@ -20,7 +20,8 @@ learned embedding  ``pos_embed``, ``cls_token``, ``reg_token``,   ``pos_enc`` ``
                    ``dist_token``, ``latent``, relative position              position map
                    tables and ``attention_biases``
 convolution        ``Conv1d``, ``Conv3d``, ``ConvTranspose2d``,   ``conv``    4-D kernel
-                   ``CondConv2d`` experts, weight matrices ``w_*``
+                   ``CondConv2d`` experts, weight matrices ``w_*``,           or matrix
+                   ``nn.LSTM``/``nn.GRU`` weights
 =================  =============================================  ==========  ===================
 
 Why these node types: ``cse`` is the vocabulary's channel-wise product (squeeze-excitation) and a
@@ -38,10 +39,14 @@ vector already carries what a learned position adds. The transposed-convolution 
 ``[C_in, C_out, kh, kw]`` is decoded as the convolution kernel of its adjoint
 ``[C_out, C_in, kh, kw]``.
 
-Kinds deliberately left at the model's own initialization (listed as unplaced): recurrent weights
-(``nn.LSTM``, ``nn.GRU``), rotary-embedding frequencies (fixed spectra that training barely
-moves) and the differential-attention ``lambda_*`` vectors (their dot products enter an ``exp``,
-so a predicted scale near 1 overflows).
+Recurrent layers (``nn.LSTM``, ``nn.GRU``) are traced through a stand-in that reads each weight
+once (:mod:`timm_ghn.trace`); their input and hidden matrices are linear weights (``conv``) and
+their biases are biases.
+
+Kinds deliberately left at the model's own initialization (listed as unplaced): rotary-embedding
+frequencies (fixed spectra that training barely moves) and the differential-attention
+``lambda_*`` vectors (their dot products enter an ``exp``, so a predicted scale near 1
+overflows).
 """
 
 from __future__ import annotations
@@ -129,8 +134,13 @@ def extended_placement(module: nn.Module, local: str, shape: tuple[int, ...]) ->
     Called only for parameters the original rules skip; see the module docstring for the table.
     """
     shape = tuple(int(s) for s in shape)
-    if _EXCLUDED_NAME.search(local) or isinstance(module, nn.RNNBase):
+    if _EXCLUDED_NAME.search(local):
         return None
+    if isinstance(module, nn.RNNBase):
+        # Input and hidden weights are the matrices of linear layers, one per gate stacked on dim 0.
+        if local.startswith("weight_") and len(shape) == 2:
+            return Placement("conv", shape, "reshape")
+        return _vector(shape, False, "bias") if local.startswith("bias_") else None
 
     is_bias = local == "bias"
     if isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)) or hasattr(module, "weight_shape"):
