@@ -35,38 +35,70 @@ from pathlib import Path
 from typing import Any
 
 
-def write_markdown(results: dict[str, dict[str, Any]], path: Path, command: str) -> None:
-    """Write the summary and one table per family."""
-    from timm_ghn.coverage import ArchitectureCoverage, summarize
+def _predicted_cell(result: Any, max_params: int | None) -> str:
+    if result.predict_error is not None:
+        return "failed"
+    if result.predicted_fraction is not None:
+        return f"{100 * result.predicted_fraction:.2f}%"
+    return "above cap" if max_params is not None and result.params > max_params else "-"
+
+
+def write_markdown(results: dict[str, dict[str, Any]], path: Path, command: str, max_params: int | None = None) -> None:
+    """Write the summary, the architectures below full coverage with their reasons, and one table per family."""
+    from timm_ghn.coverage import FULL_COVERAGE, ArchitectureCoverage, summarize
 
     measured = {name: ArchitectureCoverage.from_record(name, record) for name, record in results.items()}
     built = {name: result for name, result in measured.items() if result.graph_built}
     summary = summarize(measured.values())
+    predicted = [r for r in built.values() if r.predicted_fraction is not None]
 
     lines = ["# timm architecture coverage", "", f"Command: `{command}`", ""]
     lines.append(f"- architectures: {summary.models}; graph built: {summary.built} ({summary.built / max(1, summary.models):.1%})")
-    lines.append(f"- at least 99% of parameters placed in the graph: {summary.fully_placed} ({summary.fully_placed / max(1, summary.built):.1%} of built)")
+    lines.append(f"- at least 99% of parameters placed in the graph: {summary.fully_placed} ({summary.fully_placed / max(1, summary.models):.1%} of all)")
     if summary.median_graph_seconds is not None:
         lines.append(f"- graph time per model: median {summary.median_graph_seconds:.3f} s, max {summary.max_graph_seconds:.2f} s")
-    if summary.predicted or summary.predict_failures:
-        lines.append(f"- predicted on CPU: {summary.predicted}; prediction failures: {summary.predict_failures}")
-    lines.append("- parameter kinds left unplaced (models): " + ", ".join(f"`{k}` {n}" for k, n in summary.unplaced_kinds.most_common(30)))
+    if max_params is not None:
+        lines.append(
+            f"- predicted on the CPU (models with at most {max_params:,} parameters, classifier included): "
+            f"{summary.predicted}; prediction failures: {summary.predict_failures}; "
+            f"at least 99% of parameters predicted: {sum(r.predicted_fraction >= FULL_COVERAGE for r in predicted)}"
+        )
+    kinds = summary.unplaced_kinds.most_common(30)
+    lines.append("- parameter kinds left unplaced (models): " + (", ".join(f"`{k}` {n}" for k, n in kinds) or "none"))
     lines.append("")
+
     failures = {name: result.error for name, result in measured.items() if not result.graph_built}
     if failures:
         lines += ["## Graph failures", "", "| model | error |", "| --- | --- |"]
         lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(failures.items())]
         lines.append("")
+    below = {
+        name: result for name, result in built.items()
+        if result.placed_fraction < FULL_COVERAGE or (result.predicted_fraction is not None and result.predicted_fraction < FULL_COVERAGE)
+    }
+    if below:
+        lines += ["## Below 99%", "", "| model | params placed | predicted | reason |", "| --- | --- | --- | --- |"]
+        for name, result in sorted(below.items()):
+            reason = result.predict_error or "unplaced: " + ", ".join(result.unplaced_kinds)
+            lines.append(f"| {name} | {100 * result.placed_fraction:.2f}% | {_predicted_cell(result, max_params)} | {reason.replace('|', '/')} |")
+        lines.append("")
+    predict_failures = {name: r.predict_error for name, r in built.items() if r.predict_error is not None}
+    if predict_failures:
+        lines += ["## Prediction failures", "", "| model | error |", "| --- | --- |"]
+        lines += [f"| {k} | {v.replace('|', '/')} |" for k, v in sorted(predict_failures.items())]
+        lines.append("")
+
     families: dict[str, list[str]] = collections.defaultdict(list)
     for name in sorted(built):
         families[re.match(r"[a-z]*", name).group() or name].append(name)
+    header = "| model | nodes | graph (s) | tensors placed | params placed | predicted | unplaced kinds |"
     for family, names in sorted(families.items()):
-        lines += [f"## {family}", "", "| model | nodes | graph (s) | tensors placed | params placed | unplaced kinds |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"## {family}", "", header, "| --- | --- | --- | --- | --- | --- | --- |"]
         for name in names:
             v = built[name]
             lines.append(
                 f"| {name} | {v.nodes} | {v.graph_seconds:.3f} | {v.placed_tensors}/{v.tensors} "
-                f"| {100 * v.placed_fraction:.2f}% | {', '.join(v.unplaced_kinds)} |"
+                f"| {100 * v.placed_fraction:.2f}% | {_predicted_cell(v, max_params)} | {', '.join(v.unplaced_kinds)} |"
             )
         lines.append("")
     path.write_text("\n".join(lines))
@@ -144,7 +176,8 @@ def run_workers(args: argparse.Namespace, argv: list[str]) -> int:
             done[missing] = {"error": "worker process died while measuring this model"}
             args.json.write_text(json.dumps(done, indent=1))
     if args.markdown:
-        write_markdown(json.loads(args.json.read_text()), args.markdown, " ".join(["python", "benchmarks/zoo_coverage.py", *argv]))
+        command = " ".join(["python", "benchmarks/zoo_coverage.py", *argv])
+        write_markdown(json.loads(args.json.read_text()), args.markdown, command, args.predict_max_params)
     return 0
 
 

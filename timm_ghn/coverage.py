@@ -156,7 +156,10 @@ def _predict(result: ArchitectureCoverage, ghn: LoadedGHN) -> None:
             torch.manual_seed(0)
             model = timm.create_model(result.name)
         start = time.perf_counter()
-        prediction = predict_parameters(model, ghn)
+        # The head is predicted too, whatever its class count: the sweep measures what the GHN
+        # can predict. With the default ``predict_classifier=None`` a head whose class count
+        # differs from the GHN's keeps timm's init.
+        prediction = predict_parameters(model, ghn, predict_classifier=True)
         result.predict_seconds = time.perf_counter() - start
     except Exception as error:  # a failed prediction is part of the coverage report
         result.predict_error = _describe(error)
