@@ -146,6 +146,7 @@ FAMILIES = {
     "convnextv2_atto": ({}, {"weight", "bias"}),
     "efficientnet_cc_b0_4e": ({}, {"weight"}),
     "lambda_resnet26t": ({}, {"weight"}),
+    "dla46_c": ({}, set()),  # the classifier is a 1x1 convolution
     "sequencer2d_s": ({"layers": (1, 1, 1, 1)}, {"weight_ih_l0", "weight_hh_l0_reverse", "bias_ih_l0"}),
 }
 

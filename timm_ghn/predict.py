@@ -67,6 +67,9 @@ def _slice_block(block: torch.Tensor, target: tuple[int, ...]) -> torch.Tensor:
         w = w[: target[0], : target[1], 0, 0]
     elif len(target) == 3 and w.dim() == 4:
         w = w[: target[0], : target[1], : target[2], 0]
+    elif len(target) == 4 and w.dim() == 2 and target[2:] == (1, 1):
+        # A classifier that is a 1x1 convolution (DLA, DPN) receives the classifier matrix.
+        w = w[: target[0], : target[1], None, None]
     if w.dim() != len(target):
         raise ValueError(f"cannot fit a block of shape {tuple(block.shape)} to {target}")
     return w[tuple(slice(0, t) for t in target)]
@@ -77,7 +80,8 @@ def fit_block(block: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
 
     1. Slice: a 1-D target takes ``block[:t0, 0, ...]`` of a multi-dim block; a 2-D target the
        ``[:t0, :t1, 0, 0]`` corner of a 4-D block; a 3-D target ``[:t0, :t1, :t2, 0]``; a 4-D
-       target the top-left ``[:t0, :t1, :t2, :t3]`` corner.
+       target the top-left ``[:t0, :t1, :t2, :t3]`` corner, or ``[:t0, :t1]`` with two unit
+       dims added when the block is a 2-D classifier matrix and the target a 1x1 convolution.
     2. Tile: repeat along dim 0 while it is shorter than ``t0`` (row ``o`` becomes row
        ``o mod s0``), then likewise along dim 1. Kernel dims are never tiled here.
     3. Chop every dim to the target.
