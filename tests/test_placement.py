@@ -47,6 +47,8 @@ class Owner(nn.Module):
         (nn.ConvTranspose2d(64, 128, 4), "weight", (64, 128, 4, 4), "conv", (128, 64, 4, 4)),
         (nn.ConvTranspose2d(64, 128, 4), "bias", (128,), "bias", (128,)),
         (Owner(), "w_g", (64, 1), "conv", (1, 64)),
+        (nn.LSTM(8, 8), "weight_ih_l0", (32, 8), "conv", (32, 8)),
+        (nn.LSTM(8, 8), "bias_hh_l0", (32,), "bias", (32,)),
     ],
 )
 def test_extended_placement_table(module, local, shape, primitive, decoded_shape):
@@ -62,7 +64,6 @@ def test_extended_placement_table(module, local, shape, primitive, decoded_shape
     [
         (Owner(), "lambda_q1", (32,)),
         (Owner(), "freqs", (2, 12, 12, 32)),
-        (nn.LSTM(8, 8), "weight_ih_l0", (32, 8)),
     ],
 )
 def test_excluded_kinds_stay_unplaced(module, local, shape):

@@ -35,7 +35,10 @@ vector of its number of elements and reshaped back. An embedding is decoded as a
 position map ``[1, C, h, w]`` where ``C`` is its feature dimension and the positions lie on an
 ``h x w`` grid. The grid is the table's own when it has one, else the largest square that fits.
 Leading rows beyond that square (class-token positions) are set to zero, because the token's own
-vector already carries what a learned position adds. The transposed-convolution kernel
+vector already carries what a learned position adds. GHN-2's output scaling applies to the map
+as to any 4-D tensor: a map with ``h >= 11`` keeps the decoder's raw values (ppuda's rule for its
+positional encodings, std about 0.3 with the bundled GHN) and a smaller one is multiplied by
+``sqrt(β / (C·h·w))``. The transposed-convolution kernel
 ``[C_in, C_out, kh, kw]`` is decoded as the convolution kernel of its adjoint
 ``[C_out, C_in, kh, kw]``.
 
