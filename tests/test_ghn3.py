@@ -217,3 +217,16 @@ def test_ghn3_graph_style_equals_reference(reference_file, arch):
     rows = [[i, n.primitive, n.param_name, list(n.shape) if n.shape else None] for i, n in enumerate(graph.nodes)]
     assert rows == [row[:4] for row in reference["nodes"]]
     assert graph.edges.tolist() == reference["edges"]
+
+
+def test_ghn3_graph_of_cascaded_heads_is_acyclic():
+    """EfficientViT feeds each attention head's output into the next head, which the softmax
+    re-routing of the GHN-3 rules turned into a cycle."""
+    with torch.device("meta"):
+        model = timm.create_model("efficientvit_m0")
+
+    graph = build_graph(model, style="ghn3")
+
+    assert graph.unplaced == []
+    assert graph.nodes[0].primitive == "input"
+    assert sum(node.primitive == "msa" for node in graph.nodes) > 0

@@ -190,7 +190,8 @@ def fix_softmax_edges(entries: list, adjacency: np.ndarray) -> np.ndarray:
     For each softmax ``i``, each output ``o`` of it and each other input ``j`` of ``o``: with the
     number of paths ``j -> o`` counted in the graph as it was before this step (capped at 2), the
     edge ``j -> o`` is deleted if there are two or more paths or no edge ``i -> j``, and ``j -> i``
-    is added if there is exactly one path and no edge ``i -> j``.
+    is added if there is exactly one path and no edge ``i -> j``, unless ``i`` already reaches
+    ``j`` (then ``j -> o`` is kept, so that no cycle forms).
     """
     original = adjacency.copy()
     adjacency = adjacency.copy()
@@ -203,11 +204,32 @@ def fix_softmax_edges(entries: list, adjacency: np.ndarray) -> np.ndarray:
                 if j == i:
                     continue
                 linked = adjacency[i, j] != 0
+                if counts[j] == 1 and not linked and _reaches(adjacency, i, int(j)):
+                    # Extension: EfficientViT's cascaded heads feed one head's output into the next
+                    # head's input, so ``j -> i`` would close a cycle (the original builder then
+                    # fails to sort). The edge ``j -> o`` stays instead.
+                    continue
                 if counts[j] >= 2 or not linked:
                     adjacency[j, o] = 0
                 if counts[j] == 1 and not linked:
                     adjacency[j, i] = 1
     return adjacency
+
+
+def _reaches(adjacency: np.ndarray, source: int, target: int) -> bool:
+    """True when a directed path leads from ``source`` to ``target``."""
+    seen = np.zeros(adjacency.shape[0], dtype=bool)
+    frontier = [source]
+    seen[source] = True
+    while frontier:
+        node = frontier.pop()
+        if node == target:
+            return True
+        for child in np.flatnonzero(adjacency[node]):
+            if not seen[child]:
+                seen[child] = True
+                frontier.append(int(child))
+    return False
 
 
 def is_ghn3_supported(module: nn.Module | None) -> bool:

@@ -434,7 +434,10 @@ def _rewrite_ghn3(entries: list[Entry], adjacency: np.ndarray) -> tuple[list[Ent
     adjacency = ghn3_graph.fix_softmax_edges(entries, adjacency)
     entries, adjacency = ghn3_graph.filter_operations(entries, adjacency, ["Add", "Cat"])
 
-    sources = [i for i in np.flatnonzero(adjacency.sum(axis=0) == 0) if "weight" in entries[i].name]
+    # Extension: roots placed by the extended rules (tokens, position tables) are fed by the input
+    # too, so that the input stays node 0.
+    roots = np.flatnonzero(adjacency.sum(axis=0) == 0)
+    sources = [i for i in roots if "weight" in entries[i].name or entries[i].placement is not None]
     entries, adjacency = _add_input_node(entries, adjacency, sources)
     return _sorted(entries, adjacency)
 
