@@ -11,6 +11,7 @@ from timm.layers import LayerScale
 from torch import nn
 
 from conftest import SHARED
+from timm_ghn.errors import TimmGhnError
 from timm_ghn.graph import build_graph
 from timm_ghn.hypernet import load_ghn
 from timm_ghn.pipeline import DEFAULT_GHN
@@ -233,6 +234,37 @@ def test_recurrent_layers_traced_once_per_weight():
     weight_ih = names.index("stages.0.blocks.0.rnn_tokens.rnn_v.weight_ih_l0")
     weight_hh = names.index("stages.0.blocks.0.rnn_tokens.rnn_v.weight_hh_l0")
     assert graph.adjacency[weight_ih, weight_hh] == 1
+
+
+class RecurrentClassifier(nn.Module):
+    """An LSTM over the rows of a one-channel image, then a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8, batch_first=True)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.rnn(x[:, 0])[0].mean(1))
+
+
+@pytest.mark.parametrize("input_size", [(1, 8, 8), (1, 8, 5)], ids=["traced", "forward-raises"])
+def test_tracing_restores_instance_forward(input_size):
+    """A ``forward`` set on the LSTM instance (a wrapper) is put back after the stand-in."""
+    model = RecurrentClassifier()
+    wrapped = model.rnn.forward
+
+    def logged_forward(*args, **kwargs):
+        return wrapped(*args, **kwargs)
+
+    model.rnn.forward = logged_forward
+
+    try:
+        build_graph(model, input_size=input_size)
+    except TimmGhnError:
+        assert input_size == (1, 8, 5), "only the wrong input size may fail"
+
+    assert vars(model.rnn).get("forward") is logged_forward
 
 
 def test_ghn3_style_places_tokens():

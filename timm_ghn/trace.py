@@ -150,6 +150,8 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
     # traced from that cache after its first trace, and the parameter behind it is then unplaced.
     sample = torch.empty((2, *input_size), device="meta")
     recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase) and not getattr(m, "proj_size", 0)]
+    # A ``forward`` set on the instance (a wrapper or patch) is restored after the stand-in.
+    own_forwards = {id(m): m.__dict__["forward"] for m in recurrent if "forward" in m.__dict__}
     try:
         for module in recurrent:
             module.forward = _recurrent_stand_in(module)
@@ -161,7 +163,10 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
         for table, local_name, original, _ in swaps:
             table[local_name] = original
         for module in recurrent:
-            del module.forward
+            if id(module) in own_forwards:
+                module.forward = own_forwards[id(module)]
+            else:
+                del module.forward
 
     if isinstance(output, torch.Tensor):
         outputs = [output]
