@@ -236,6 +236,23 @@ def test_recurrent_layers_traced_once_per_weight():
     assert graph.adjacency[weight_ih, weight_hh] == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_predicted(bundled_ghn, dtype):
+    """A half-precision model gets the float32 prediction, rounded to its dtype."""
+    torch.manual_seed(0)
+    reference = timm.create_model("test_vit")
+    model = timm.create_model("test_vit").to(dtype)
+
+    expected = predict_parameters(reference, bundled_ghn, predict_classifier=True)
+    result = predict_parameters(model, bundled_ghn, predict_classifier=True)
+
+    assert result.unpredicted == []
+    assert result.predicted == expected.predicted
+    for name, value in model.named_parameters():
+        assert value.dtype == dtype, name
+        assert torch.equal(value, reference.get_parameter(name).to(dtype)), name
+
+
 class RecurrentClassifier(nn.Module):
     """An LSTM over the rows of a one-channel image, then a linear classifier."""
 

@@ -148,7 +148,9 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
 
     # NOTE: a module that caches a tensor per device in eval mode (LeViT's attention biases) is
     # traced from that cache after its first trace, and the parameter behind it is then unplaced.
-    sample = torch.empty((2, *input_size), device="meta")
+    # The input takes the parameters' dtype: a float16 or bfloat16 model rejects a float32 input.
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    sample = torch.empty((2, *input_size), device="meta", dtype=dtype)
     recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase) and not getattr(m, "proj_size", 0)]
     # A ``forward`` set on the instance (a wrapper or patch) is restored after the stand-in.
     own_forwards = {id(m): m.__dict__["forward"] for m in recurrent if "forward" in m.__dict__}
