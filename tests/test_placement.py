@@ -253,6 +253,50 @@ def test_half_precision_model_predicted(bundled_ghn, dtype):
         assert torch.equal(value, reference.get_parameter(name).to(dtype)), name
 
 
+class TokenClassifier(nn.Module):
+    """A patch embedding, one extra parameter applied to the tokens, and a linear classifier."""
+
+    def __init__(self, name, shape):
+        super().__init__()
+        self.extra_name = name
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.register_parameter(name, nn.Parameter(torch.zeros(shape)))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        extra = getattr(self, self.extra_name)
+        if extra.dim() == 3:
+            tokens = torch.cat([extra.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        elif extra.numel() == 0:
+            tokens = tokens + extra.sum()
+        else:
+            tokens = tokens * extra.reshape(1, 1, -1)
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize(
+    "name, shape, placed",
+    [
+        ("pos_embed", (), True),
+        ("gamma", (), True),
+        ("reg_token", (1, 0, 8), False),
+        ("gamma", (0,), False),
+    ],
+)
+def test_scalar_and_empty_parameters(bundled_ghn, name, shape, placed):
+    """A 0-D parameter is predicted; one with no elements has nothing to predict and stays unplaced."""
+    torch.manual_seed(0)
+    model = TokenClassifier(name, shape)
+
+    result = predict_parameters(model, bundled_ghn, predict_classifier=True)
+
+    assert (name in result.predicted) == placed
+    assert result.unpredicted == ([] if placed else [name])
+    assert result.fraction_predicted == 1.0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class RecurrentClassifier(nn.Module):
     """An LSTM over the rows of a one-channel image, then a linear classifier."""
 

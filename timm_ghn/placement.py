@@ -49,7 +49,7 @@ their biases are biases.
 Kinds deliberately left at the model's own initialization (listed as unplaced): rotary-embedding
 frequencies (fixed spectra that training barely moves) and the differential-attention
 ``lambda_*`` vectors (their dot products enter an ``exp``, so a predicted scale near 1
-overflows).
+overflows). Parameters with no elements are unplaced too, because there is nothing to predict.
 """
 
 from __future__ import annotations
@@ -112,8 +112,9 @@ def _embedding(local: str, shape: tuple[int, ...]) -> Placement:
     while len(dims) > 1 and dims[0] == 1:
         dims = dims[1:]
     channels_first = local == "attention_biases" or (len(dims) == 3 and dims[1] == dims[2] and dims[0] != dims[1])
-    if len(dims) == 1:
-        channels, positions, grid = dims[0], 1, (1, 1)
+    if len(dims) <= 1:
+        # A vector, or a 0-D scalar, is one position with that many channels.
+        channels, positions, grid = math.prod(dims), 1, (1, 1)
     elif channels_first:
         channels, positions = dims[0], math.prod(dims[1:])
         grid = (dims[1], dims[2]) if len(dims) == 3 else None
@@ -137,7 +138,8 @@ def extended_placement(module: nn.Module, local: str, shape: tuple[int, ...]) ->
     Called only for parameters the original rules skip; see the module docstring for the table.
     """
     shape = tuple(int(s) for s in shape)
-    if _EXCLUDED_NAME.search(local):
+    if _EXCLUDED_NAME.search(local) or 0 in shape:
+        # A parameter with no elements has nothing to predict, and its decoded block has none either.
         return None
     if isinstance(module, nn.RNNBase):
         # Input and hidden weights are the matrices of linear layers, one per gate stacked on dim 0.
