@@ -309,6 +309,35 @@ class RecurrentClassifier(nn.Module):
         return self.head(self.rnn(x[:, 0])[0].mean(1))
 
 
+class FinalStateClassifier(nn.Module):
+    """A recurrent layer over the rows of a one-channel image, classified from its final state ``h_n``."""
+
+    def __init__(self, recurrent_type, batch_first, bidirectional):
+        super().__init__()
+        self.rnn = recurrent_type(8, 6, num_layers=2, batch_first=batch_first, bidirectional=bidirectional)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        sequence = x[:, 0] if self.rnn.batch_first else x[:, 0].transpose(0, 1)
+        _, final = self.rnn(sequence)
+        hidden = final[0] if isinstance(final, tuple) else final
+        return self.head(hidden[-1])
+
+
+@pytest.mark.parametrize("recurrent_type", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_recurrent_final_state_placed(recurrent_type, batch_first, bidirectional):
+    """A model that reads only ``h_n`` reaches the recurrent weights through the stand-in."""
+    model = FinalStateClassifier(recurrent_type, batch_first, bidirectional)
+
+    graph = build_graph(model, input_size=(1, 5, 8))
+
+    assert graph.unplaced == []
+    last_layer = "rnn.weight_hh_l1_reverse" if bidirectional else "rnn.weight_hh_l1"
+    assert last_layer in graph.placed
+
+
 @pytest.mark.parametrize("input_size", [(1, 8, 8), (1, 8, 5)], ids=["traced", "forward-raises"])
 def test_tracing_restores_instance_forward(input_size):
     """A ``forward`` set on the LSTM instance (a wrapper) is put back after the stand-in."""

@@ -95,6 +95,8 @@ def _recurrent_stand_in(module: nn.RNNBase):
     The real recurrence unrolls into one autograd node per step and gate (20k-44k entries for
     Sequencer2d). The stand-in keeps the output shape and the order ``W_ih -> b_ih -> W_hh ->
     b_hh`` of every layer and direction, with the directions concatenated as the real output is.
+    The final state ``h_n`` (also returned as ``c_n`` of an LSTM) is the output of each layer and
+    direction at its last step, so a model that reads only ``h_n`` still reaches the weights.
     """
     hidden = module.hidden_size
     directions = ["", "_reverse"] if module.bidirectional else [""]
@@ -102,7 +104,9 @@ def _recurrent_stand_in(module: nn.RNNBase):
     def forward(x, hx=None):
         if isinstance(x, nn.utils.rnn.PackedSequence):
             raise TimmGhnError(f"cannot trace {type(module).__name__} on a packed sequence")
+        time_dim = 1 if module.batch_first and x.dim() == 3 else 0
         layer_input = x
+        finals = []
         for layer in range(module.num_layers):
             outputs = []
             for suffix in directions:
@@ -111,9 +115,12 @@ def _recurrent_stand_in(module: nn.RNNBase):
                 bias_ih = getattr(module, f"bias_ih_l{layer}{suffix}", None)
                 bias_hh = getattr(module, f"bias_hh_l{layer}{suffix}", None)
                 state = nn.functional.linear(layer_input, weight_ih, bias_ih)[..., : weight_hh.shape[1]]
-                outputs.append(nn.functional.linear(state, weight_hh, bias_hh)[..., :hidden])
+                output = nn.functional.linear(state, weight_hh, bias_hh)[..., :hidden]
+                outputs.append(output)
+                # The forward direction ends at the last step and the reverse direction at the first.
+                finals.append(output.select(time_dim, 0 if suffix else -1))
             layer_input = torch.cat(outputs, dim=-1) if len(outputs) > 1 else outputs[0]
-        final = layer_input.new_empty((module.num_layers * len(directions), *layer_input.shape[:-2], hidden))
+        final = torch.stack(finals)
         return layer_input, ((final, final) if isinstance(module, nn.LSTM) else final)
 
     return forward
