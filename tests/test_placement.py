@@ -16,7 +16,7 @@ from timm_ghn.graph import build_graph
 from timm_ghn.hypernet import load_ghn
 from timm_ghn.pipeline import DEFAULT_GHN
 from timm_ghn.placement import Placement, extended_placement, from_decoded, to_decoded
-from timm_ghn.predict import predict_parameters
+from timm_ghn.predict import decoded_blocks, predict_parameters
 
 
 class Owner(nn.Module):
@@ -179,6 +179,22 @@ def test_family_fully_predicted(bundled_ghn, name):
     with torch.no_grad():
         output = model.eval()(torch.randn(2, *result.graph.input_size))
     assert torch.isfinite(output).all()
+
+
+@pytest.mark.parametrize("style", ["ghn2", "ghn3"])
+def test_norm_bias_decoded_once(bundled_ghn, style):
+    """EvoNorm's scale ``v`` is a weight of a norm module, but the bias belongs to ``weight``."""
+    model = timm.create_model("test_efficientnet_evos")
+    graph = build_graph(model, style=style)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    with torch.no_grad():
+        embeddings = bundled_ghn.model.embed_nodes(graph).final
+        names = [name for name, _, _ in decoded_blocks(bundled_ghn.model, graph, embeddings, shapes)]
+
+    carriers = [node.param_name for node in graph.nodes if node.bias_name == "bn1.bias"]
+    assert carriers == ["bn1.weight"]
+    assert sorted(names) == sorted(set(names)), "a parameter is decoded more than once"
 
 
 def test_every_parameter_is_predicted_or_listed(bundled_ghn, caplog):

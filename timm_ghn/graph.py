@@ -369,7 +369,8 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
                 primitive, shape, is_weight = placement.primitive, placement.decoded_shape, placement.is_weight
             bias_name = None
             norm = isinstance(entry.module, NORM_TYPES) or (placement is not None and is_norm_like(entry.module))
-            if norm and is_weight and getattr(entry.module, "bias", None) is not None:
+            # Only the norm's own weight carries its bias: EvoNorm's scale ``v`` is a weight too.
+            if norm and local == "weight" and is_weight and getattr(entry.module, "bias", None) is not None:
                 bias_name = f"{entry.module_name}.bias" if entry.module_name else "bias"
             node = GraphNode(
                 name=entry.name,
