@@ -84,6 +84,7 @@ def test_scale_and_shift_use_their_1d_rules():
         (Owner(), "pos_embed", (1, 16, 7, 7)),
         (Owner(), "pos_embed", (1, 7, 7, 16)),
         (Owner(), "attention_biases", (4, 49)),
+        (Owner(), "relative_position_bias_table", (12, 4)),
         (Owner(), "alpha", (4, 10)),
         (nn.Conv1d(6, 4, 3), "weight", (4, 6, 3)),
         (nn.ConvTranspose2d(6, 4, 3), "weight", (6, 4, 3, 3)),
@@ -103,6 +104,11 @@ def test_layout_round_trip(module, local, shape):
         # Prefix rows (class-token positions) come back as zeros, the rest unchanged.
         assert torch.equal(restored[:, placement.prefix_rows :], tensor[:, placement.prefix_rows :])
         assert torch.equal(restored[:, : placement.prefix_rows], torch.zeros_like(tensor[:, : placement.prefix_rows]))
+    elif placement.suffix_rows:
+        # Suffix rows (class-token entries of a relative table) come back as zeros, the rest unchanged.
+        grid_rows = shape[0] - placement.suffix_rows
+        assert torch.equal(restored[:grid_rows], tensor[:grid_rows])
+        assert torch.equal(restored[grid_rows:], torch.zeros_like(tensor[grid_rows:]))
     else:
         assert torch.equal(restored, tensor)
 
@@ -118,6 +124,33 @@ def test_embedding_rows_follow_grid():
     assert torch.equal(table[0, 1], decoded[0, :, 0, 0])
     assert torch.equal(table[0, 2], decoded[0, :, 0, 1])
     assert torch.equal(table[0, 4], decoded[0, :, 1, 1])
+
+
+def test_relative_table_class_rows_trail():
+    """BEiT's relative position table ends with its 3 class-token entries; row ``dy·w + dx`` is grid position ``(dy, dx)``."""
+    placement = extended_placement(Owner(), "relative_position_bias_table", (732, 12))
+    decoded = torch.randn(placement.decoded_shape)
+
+    table = from_decoded(decoded, placement, (732, 12))
+
+    assert (placement.prefix_rows, placement.suffix_rows) == (0, 3)
+    assert torch.equal(table[0], decoded[0, :, 0, 0])
+    assert torch.equal(table[28], decoded[0, :, 1, 1])
+    assert torch.equal(table[728], decoded[0, :, 26, 26])
+    assert torch.equal(table[729:], torch.zeros(3, 12))
+
+
+def test_beit_relative_table_predicted_by_grid(bundled_ghn):
+    """The predicted table keeps its class-token entries (the last 3 rows of timm's BEiT table) at zero."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", embed_dim=32, depth=1, num_heads=2, img_size=64)
+
+    predict_parameters(model, bundled_ghn, predict_classifier=True)
+
+    table = model.blocks[0].attn.relative_position_bias_table
+    grid_rows = table.shape[0] - 3
+    assert torch.equal(table[grid_rows:], torch.zeros_like(table[grid_rows:]))
+    assert table[:3].abs().sum() > 0, "the first relative positions are predicted"
 
 
 # --- small models of each family, predicted on the CPU ----------------------------------------

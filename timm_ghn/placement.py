@@ -34,8 +34,10 @@ Shapes: a scale or shift of any shape with at most one dimension larger than 1 i
 vector of its number of elements and reshaped back. An embedding is decoded as a ppuda-style
 position map ``[1, C, h, w]`` where ``C`` is its feature dimension and the positions lie on an
 ``h x w`` grid. The grid is the table's own when it has one, else the largest square that fits.
-Leading rows beyond that square (class-token positions) are set to zero, because the token's own
-vector already carries what a learned position adds. GHN-2's output scaling applies to the map
+Rows beyond that square are class-token entries and are set to zero, because the token's own
+vector already carries what a learned position adds. They lead in a position embedding and trail
+in a relative position table, whose last 3 rows are the class-token entries in timm's BEiT and
+``RelPosBias`` (``gen_relative_position_index``, timm 1.0). GHN-2's output scaling applies to the map
 as to any 4-D tensor: a map with ``h >= 11`` keeps the decoder's raw values (ppuda's rule for its
 positional encodings, std about 0.3 with the bundled GHN) and a smaller one is multiplied by
 ``sqrt(β / (C·h·w))``. The transposed-convolution kernel
@@ -65,6 +67,7 @@ __all__ = ["Placement", "extended_placement", "is_norm_like", "to_decoded", "fro
 
 _EMBEDDING_NAME = re.compile(r"pos|token|latent|rel|embed|table|biases")
 _AXIS_TABLE_NAME = re.compile(r"(^|_)(h|w|height|width)(_|$)")
+_RELATIVE_TABLE_NAME = re.compile(r"relative_position")
 _SHIFT_NAME = re.compile(r"bias|beta|shift|tau")
 _SCALE_NAME = re.compile(r"gamma|scale|alpha|^ls\d|temperature|gain|^weights$|^v$")
 _EXCLUDED_NAME = re.compile(r"^lambda_|freqs")
@@ -78,6 +81,8 @@ class Placement:
     ``primitive`` is the node type, ``decoded_shape`` the shape given to the shape encoder and the
     decoder, and ``layout`` names the map between the decoded tensor and the parameter:
     ``reshape``, ``transposed`` (dims 0 and 1 swapped) or ``embedding`` (see :func:`from_decoded`). ``is_weight`` selects the 1-D rule: a scale (``True``) or a bias.
+    ``prefix_rows`` and ``suffix_rows`` are the class-token rows of an embedding before and after
+    its grid.
     """
 
     primitive: str
@@ -86,6 +91,7 @@ class Placement:
     is_weight: bool = True
     prefix_rows: int = 0
     channels_first: bool = False
+    suffix_rows: int = 0
 
 
 def is_norm_like(module: nn.Module) -> bool:
@@ -122,14 +128,18 @@ def _embedding(local: str, shape: tuple[int, ...]) -> Placement:
         channels, positions = dims[-1], math.prod(dims[:-1])
         grid = (dims[0], dims[1]) if len(dims) == 3 and dims[0] == dims[1] else None
 
-    prefix = 0
+    prefix = suffix = 0
     if grid is None:
         side = math.isqrt(positions)
         if _AXIS_TABLE_NAME.search(local) or positions - side * side > side:
             grid = (1, positions)
+        elif _RELATIVE_TABLE_NAME.search(local):
+            grid, suffix = (side, side), positions - side * side
         else:
             grid, prefix = (side, side), positions - side * side
-    return Placement("pos_enc", (1, channels, *grid), "embedding", prefix_rows=prefix, channels_first=channels_first)
+    return Placement(
+        "pos_enc", (1, channels, *grid), "embedding", prefix_rows=prefix, channels_first=channels_first, suffix_rows=suffix
+    )
 
 
 def extended_placement(module: nn.Module, local: str, shape: tuple[int, ...]) -> Placement | None:
@@ -184,7 +194,7 @@ def extended_placement(module: nn.Module, local: str, shape: tuple[int, ...]) ->
 
 
 def to_decoded(tensor: torch.Tensor, placement: Placement) -> torch.Tensor:
-    """Return ``tensor`` in the decoded layout (the inverse of :func:`from_decoded`, prefix rows dropped)."""
+    """Return ``tensor`` in the decoded layout (the inverse of :func:`from_decoded`, class-token rows dropped)."""
     layout = placement.layout
     if layout == "reshape":
         return tensor.reshape(placement.decoded_shape)
@@ -195,14 +205,15 @@ def to_decoded(tensor: torch.Tensor, placement: Placement) -> torch.Tensor:
         table = tensor.reshape(channels, -1)
     else:
         table = tensor.reshape(-1, channels).t()
-    return table[:, placement.prefix_rows :].reshape(1, channels, height, width)
+    grid_rows = table[:, placement.prefix_rows : table.shape[1] - placement.suffix_rows]
+    return grid_rows.reshape(1, channels, height, width)
 
 
 def from_decoded(decoded: torch.Tensor, placement: Placement, shape: tuple[int, ...]) -> torch.Tensor:
     """Map a tensor of ``placement.decoded_shape`` to the parameter's ``shape``.
 
     Embeddings: the ``[1, C, h, w]`` map becomes ``C`` channels by ``h·w`` positions, in the
-    table's channel order, after ``prefix_rows`` zero rows.
+    table's channel order, between ``prefix_rows`` and ``suffix_rows`` zero rows.
     """
     layout = placement.layout
     if layout == "reshape":
@@ -211,8 +222,10 @@ def from_decoded(decoded: torch.Tensor, placement: Placement, shape: tuple[int, 
         return decoded.transpose(0, 1).reshape(shape)
     channels = placement.decoded_shape[1]
     table = decoded.reshape(channels, -1)
-    if placement.prefix_rows:
-        table = torch.cat([table.new_zeros(channels, placement.prefix_rows), table], dim=1)
+    if placement.prefix_rows or placement.suffix_rows:
+        prefix = table.new_zeros(channels, placement.prefix_rows)
+        suffix = table.new_zeros(channels, placement.suffix_rows)
+        table = torch.cat([prefix, table, suffix], dim=1)
     if not placement.channels_first:
         table = table.t()
     return table.reshape(shape)
