@@ -257,6 +257,34 @@ def test_shared_module_gets_node_per_use():
     assert graph.placed.count("cpe1.proj.weight") == 1
 
 
+class TwiceConcatenatedToken(nn.Module):
+    """A class token concatenated before and after the patch tokens, in one ``torch.cat``."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        cls_token = self.cls_token.expand(tokens.shape[0], -1, -1)
+        tokens = torch.cat([cls_token, tokens, self.cls_token.expand(tokens.shape[0], -1, -1)], dim=1)
+        return self.head(tokens.mean(1))
+
+
+@pytest.mark.parametrize("style", ["ghn2", "ghn3"])
+def test_token_read_twice_by_one_operation(style):
+    """Two reads by one operation are one use: a second node would end the graph and take the classifier flags."""
+    graph = build_graph(TwiceConcatenatedToken(), input_size=(3, 16, 16), style=style)
+
+    names = [node.param_name for node in graph.nodes]
+    assert names.count("cls_token") == 1
+    assert names[-2:] == ["head.weight", "head.bias"]
+    assert graph.nodes[-2].last_weight
+    assert graph.nodes[-1].last_bias
+
+
 def test_tracing_restores_shared_module():
     model = timm.create_model("coat_lite_tiny")
     before = {name: p for name, p in model.named_parameters()}

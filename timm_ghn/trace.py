@@ -219,15 +219,17 @@ def collect_entries(
         first = last = None
         if not hasattr(function, "variable"):
             leaves = []
-            chains = {}
             for child, _ in function.next_functions:
                 if child is None:
                     continue
+                # The chain of shape operations between this operation and the parameter, per use:
+                # one operation may read a parameter through two chains (a token concatenated twice).
+                chain = None
                 if not hasattr(child, "variable"):
                     found = _through_shape_operations(child) if extended else None
                     if found is None:
                         continue
-                    chains[found[0]] = (child, found[1])
+                    chain = (child, found[1])
                     child = found[0]
                 name = param_names.get(id(child.variable))
                 if name is None:
@@ -237,7 +239,7 @@ def collect_entries(
                 shape = tuple(child.variable.shape)
                 original = parameter_primitive(module, name) is not None and len(shape) <= 4
                 placement = None if original or not extended else extended_placement(module, local, shape)
-                if child in chains and placement is None:
+                if chain is not None and placement is None:
                     continue
                 if not keep_all:
                     if not original and placement is None:
@@ -245,7 +247,7 @@ def collect_entries(
                         continue
                     if _is_norm(module, extended) and local == "bias":
                         continue
-                leaves.append((child, Entry(name, module, module_name, shape, placement=placement)))
+                leaves.append((child, Entry(name, module, module_name, shape, placement=placement), chain))
             if not leaves:
                 entry = Entry(label, None, None)
                 keepdim = getattr(function, "_saved_keepdim", None) if label.startswith("Mean") else None
@@ -253,26 +255,32 @@ def collect_entries(
                 if "Pool" in label:
                     kernel = getattr(function, "_saved_kernel_size", None)
                     entry.kernel_size = None if kernel is None else str(kernel)
-                leaves = [(function, entry)]
+                leaves = [(function, entry, None)]
             keyed = []
-            for child, entry in leaves:
-                key = child
-                if child is not function and child in used:
-                    key = (child, function)
-                used.add(child)
-                entries.setdefault(key, entry)
+            keys_here: dict[object, object] = {}
+            for child, entry, chain in leaves:
+                if child in keys_here:
+                    # A second read by the same operation (through another chain) is the same use.
+                    key = keys_here[child]
+                else:
+                    key = child
+                    if child is not function and child in used:
+                        key = (child, function)
+                    used.add(child)
+                    entries.setdefault(key, entry)
+                    keys_here[child] = key
+                    keyed.append(key)
                 if child is function:
                     memo[key] = (key, entry.name)
                 else:
                     memo.setdefault(child, (key, entry.name))
                     leaf_links[(function, child)] = (key, entry.name)
-                    if child in chains:
+                    if chain is not None:
                         # The chain's operations stand for the parameter: walking them adds nothing.
-                        head, chain = chains[child]
-                        for operation in chain:
+                        head, operations = chain
+                        for operation in operations:
                             memo.setdefault(operation, (key, entry.name))
                         leaf_links[(function, head)] = (key, entry.name)
-                keyed.append(key)
             first, last = keyed[0], keyed[-1]
         memo[function] = (last, label)
         return [function, first, list(function.next_functions), 0]
