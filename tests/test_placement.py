@@ -38,6 +38,8 @@ class Owner(nn.Module):
         (Owner(), "pos_embed", (1, 197, 192), "pos_enc", (1, 192, 14, 14)),
         (Owner(), "pos_embed", (1, 256, 31, 31), "pos_enc", (1, 256, 31, 31)),
         (Owner(), "pos_embed", (1, 14, 14, 384), "pos_enc", (1, 384, 14, 14)),
+        (Owner(), "pos_embed", (1, 64, 11, 15), "pos_enc", (1, 64, 11, 15)),
+        (Owner(), "pos_embed", (1, 11, 15, 64), "pos_enc", (1, 64, 11, 15)),
         (Owner(), "relative_position_bias_table", (732, 12), "pos_enc", (1, 12, 27, 27)),
         (Owner(), "relative_position_bias_table", (12, 13, 13), "pos_enc", (1, 12, 13, 13)),
         (Owner(), "attention_biases", (8, 49), "pos_enc", (1, 8, 7, 7)),
@@ -83,6 +85,8 @@ def test_scale_and_shift_use_their_1d_rules():
         (Owner(), "pos_embed", (1, 197, 16)),
         (Owner(), "pos_embed", (1, 16, 7, 7)),
         (Owner(), "pos_embed", (1, 7, 7, 16)),
+        (Owner(), "pos_embed", (1, 16, 5, 7)),
+        (Owner(), "pos_embed", (1, 5, 7, 16)),
         (Owner(), "attention_biases", (4, 49)),
         (Owner(), "relative_position_bias_table", (12, 4)),
         (Owner(), "alpha", (4, 10)),
@@ -111,6 +115,19 @@ def test_layout_round_trip(module, local, shape):
         assert torch.equal(restored[grid_rows:], torch.zeros_like(tensor[grid_rows:]))
     else:
         assert torch.equal(restored, tensor)
+
+
+def test_non_square_position_map_keeps_grid():
+    """PiT at a non-square image size has a ``[1, C, h, w]`` map with ``h != w``."""
+    with torch.device("meta"):
+        model = timm.create_model("pit_ti_224", img_size=(96, 128))
+
+    graph = build_graph(model)
+
+    (node,) = [node for node in graph.nodes if node.param_name == "pos_embed"]
+    assert tuple(model.pos_embed.shape) == (1, 64, 11, 15)
+    assert node.placement.decoded_shape == (1, 64, 11, 15)
+    assert node.placement.channels_first
 
 
 def test_embedding_rows_follow_grid():

@@ -112,12 +112,23 @@ def _vector(shape: tuple[int, ...], is_weight: bool, primitive: str) -> Placemen
     return Placement(primitive, (max(1, math.prod(shape)),), "reshape", is_weight=is_weight)
 
 
+def _is_channels_first(dims: list[int]) -> bool:
+    """Tell ``[C, h, w]`` from ``[h, w, C]`` by the square grid, else by the channels being the larger end."""
+    if dims[1] == dims[2] and dims[0] != dims[1]:
+        return True
+    if dims[0] == dims[1]:
+        return False
+    # NOTE: a guess for a non-square grid (PiT at a non-square image size): it assumes more channels
+    # than grid rows, as in timm's position maps, and is wrong for a table with fewer.
+    return dims[0] > dims[2]
+
+
 def _embedding(local: str, shape: tuple[int, ...]) -> Placement:
     """Lay an embedding table out as a ``[1, C, h, w]`` position map."""
     dims = list(shape)
     while len(dims) > 1 and dims[0] == 1:
         dims = dims[1:]
-    channels_first = local == "attention_biases" or (len(dims) == 3 and dims[1] == dims[2] and dims[0] != dims[1])
+    channels_first = local == "attention_biases" or (len(dims) == 3 and _is_channels_first(dims))
     if len(dims) <= 1:
         # A vector, or a 0-D scalar, is one position with that many channels.
         channels, positions, grid = math.prod(dims), 1, (1, 1)
@@ -126,7 +137,7 @@ def _embedding(local: str, shape: tuple[int, ...]) -> Placement:
         grid = (dims[1], dims[2]) if len(dims) == 3 else None
     else:
         channels, positions = dims[-1], math.prod(dims[:-1])
-        grid = (dims[0], dims[1]) if len(dims) == 3 and dims[0] == dims[1] else None
+        grid = (dims[0], dims[1]) if len(dims) == 3 else None
 
     prefix = suffix = 0
     if grid is None:
