@@ -391,6 +391,20 @@ def test_scalar_and_empty_parameters(bundled_ghn, name, shape, placed):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated:FutureWarning")
+@pytest.mark.parametrize("normalization", [nn.utils.spectral_norm, nn.utils.weight_norm])
+def test_tracing_restores_hook_set_weight(normalization):
+    """The legacy spectral and weight norms set ``module.weight`` as a plain attribute in a pre-hook."""
+    model = nn.Sequential(normalization(nn.Conv2d(3, 8, 3)), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    model(torch.randn(1, 3, 8, 8))
+    weight = model[0].weight
+
+    build_graph(model, input_size=(3, 8, 8))
+
+    assert model[0].weight is weight
+    assert not model[0].weight.is_meta
+
+
 class RecurrentClassifier(nn.Module):
     """An LSTM over the rows of a one-channel image, then a linear classifier."""
 

@@ -126,6 +126,16 @@ def _recurrent_stand_in(module: nn.RNNBase):
     return forward
 
 
+def _restore_tensor_attributes(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
+    """Put back each module's plain tensor attributes and drop meta tensors the trace added."""
+    for module, attributes in saved:
+        added = [name for name, value in vars(module).items() if name not in attributes and isinstance(value, torch.Tensor)]
+        for name in added:
+            if module.__dict__[name].is_meta:
+                del module.__dict__[name]
+        module.__dict__.update(attributes)
+
+
 def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
     """Run one forward pass on the meta device and map each traced parameter to its name."""
     names_by_param: dict[int, str] = {}
@@ -161,6 +171,9 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
     recurrent = [m for m in model.modules() if isinstance(m, nn.RNNBase) and not getattr(m, "proj_size", 0)]
     # A ``forward`` set on the instance (a wrapper or patch) is restored after the stand-in.
     own_forwards = {id(m): m.__dict__["forward"] for m in recurrent if "forward" in m.__dict__}
+    # Pre-hooks of the legacy ``nn.utils.spectral_norm``/``weight_norm`` set ``module.weight`` as a
+    # plain attribute on every call, which would leave a meta tensor there.
+    tensor_attributes = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for m in model.modules()]
     try:
         for module in recurrent:
             module.forward = _recurrent_stand_in(module)
@@ -176,6 +189,7 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
                 module.forward = own_forwards[id(module)]
             else:
                 del module.forward
+        _restore_tensor_attributes(tensor_attributes)
 
     if isinstance(output, torch.Tensor):
         outputs = [output]
