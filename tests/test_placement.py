@@ -405,6 +405,20 @@ def test_tracing_restores_hook_set_weight(normalization):
     assert not model[0].weight.is_meta
 
 
+def test_second_trace_reaches_cached_biases():
+    """LeViT caches its attention biases per device in eval mode; the meta entry is dropped after tracing."""
+    with torch.device("meta"):
+        model = timm.create_model("levit_128s")
+    model.eval()
+
+    first = build_graph(model)
+    second = build_graph(model)
+
+    assert first.unplaced == []
+    assert second.unplaced == []
+    assert model.stages[0].blocks[0].attn.attention_bias_cache == {}
+
+
 class RecurrentClassifier(nn.Module):
     """An LSTM over the rows of a one-channel image, then a linear classifier."""
 

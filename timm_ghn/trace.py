@@ -126,14 +126,34 @@ def _recurrent_stand_in(module: nn.RNNBase):
     return forward
 
 
-def _restore_tensor_attributes(saved: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> None:
-    """Put back each module's plain tensor attributes and drop meta tensors the trace added."""
-    for module, attributes in saved:
-        added = [name for name, value in vars(module).items() if name not in attributes and isinstance(value, torch.Tensor)]
+def _save_tensor_attributes(model: nn.Module) -> list[tuple[nn.Module, dict[str, torch.Tensor], dict[str, set]]]:
+    """Return each module's plain tensor attributes and the keys of its dict attributes."""
+    saved = []
+    for module in model.modules():
+        tensors = {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)}
+        keys = {name: set(value) for name, value in vars(module).items() if isinstance(value, dict)}
+        saved.append((module, tensors, keys))
+    return saved
+
+
+def _restore_tensor_attributes(saved: list[tuple[nn.Module, dict[str, torch.Tensor], dict[str, set]]]) -> None:
+    """Put back each module's plain tensor attributes and drop meta tensors the trace added.
+
+    A meta tensor added to a dict attribute is a per-device cache (LeViT's ``attention_bias_cache``),
+    and a later trace would read it in place of the parameter behind it.
+    """
+    for module, tensors, keys in saved:
+        added = [name for name, value in vars(module).items() if name not in tensors and isinstance(value, torch.Tensor)]
         for name in added:
             if module.__dict__[name].is_meta:
                 del module.__dict__[name]
-        module.__dict__.update(attributes)
+        module.__dict__.update(tensors)
+        for name, before in keys.items():
+            table = module.__dict__.get(name)
+            if not isinstance(table, dict):
+                continue
+            for key in [k for k, v in table.items() if k not in before and isinstance(v, torch.Tensor) and v.is_meta]:
+                del table[key]
 
 
 def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[torch.Tensor], dict]:
@@ -163,8 +183,6 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
             if buffer is not None:
                 swaps.append((module._buffers, local_name, buffer, torch.empty_like(buffer, device="meta")))
 
-    # NOTE: a module that caches a tensor per device in eval mode (LeViT's attention biases) is
-    # traced from that cache after its first trace, and the parameter behind it is then unplaced.
     # The input takes the parameters' dtype: a float16 or bfloat16 model rejects a float32 input.
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     sample = torch.empty((2, *input_size), device="meta", dtype=dtype)
@@ -172,8 +190,9 @@ def trace_output(model: nn.Module, input_size: tuple[int, ...]) -> tuple[list[to
     # A ``forward`` set on the instance (a wrapper or patch) is restored after the stand-in.
     own_forwards = {id(m): m.__dict__["forward"] for m in recurrent if "forward" in m.__dict__}
     # Pre-hooks of the legacy ``nn.utils.spectral_norm``/``weight_norm`` set ``module.weight`` as a
-    # plain attribute on every call, which would leave a meta tensor there.
-    tensor_attributes = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for m in model.modules()]
+    # plain attribute on every call, and eval-mode caches keep tensors per device: the trace would
+    # leave meta tensors in both.
+    tensor_attributes = _save_tensor_attributes(model)
     try:
         for module in recurrent:
             module.forward = _recurrent_stand_in(module)
