@@ -381,6 +381,10 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
                 module_name=entry.module_name,
                 bias_name=bias_name,
                 is_weight=is_weight,
+                # NOTE: the classifier flags are positional, as in the original builders. A model
+                # that ends in an operation (distilled DeiT/LeViT heads averaged by a sum) gets them
+                # on ``head_dist.bias`` and that sum, so its heads are decoded as ordinary layers
+                # and predicted even with ``predict_classifier=False``.
                 last_weight=v == n - 2 and (style == "ghn2" or ".weight" in "." + entry.name),
                 last_bias=v == n - 1 and (style == "ghn2" or ".bias" in "." + entry.name),
             )
