@@ -49,7 +49,8 @@ once (:mod:`timm_ghn.trace`); their input and hidden matrices are linear weights
 their biases are biases.
 
 Kinds deliberately left at the model's own initialization (listed as unplaced): rotary-embedding
-frequencies (fixed spectra that training barely moves) and the differential-attention
+frequencies (RoPE-Mixed learns them from the RoPE spectrum, a log-spaced set of angles that no
+node type or output rule describes) and the differential-attention
 ``lambda_*`` vectors (their dot products enter an ``exp``, so a predicted scale near 1
 overflows). Parameters with no elements are unplaced too, because there is nothing to predict.
 """
