@@ -15,7 +15,7 @@ from timm_ghn.errors import TimmGhnError
 from timm_ghn.graph import build_graph
 from timm_ghn.hypernet import load_ghn
 from timm_ghn.pipeline import DEFAULT_GHN
-from timm_ghn.placement import Placement, extended_placement, from_decoded, to_decoded
+from timm_ghn.placement import Placement, extended_placement, from_decoded, is_norm_like, to_decoded
 from timm_ghn.predict import decoded_blocks, predict_parameters
 
 
@@ -71,6 +71,23 @@ def test_extended_placement_table(module, local, shape, primitive, decoded_shape
 )
 def test_excluded_kinds_stay_unplaced(module, local, shape):
     assert extended_placement(module, local, shape) is None
+
+
+def test_norm_like_needs_vector_weight():
+    class MatrixNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 4))
+
+    class ChannelsLastNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(1, 1, 1, 8))
+
+    assert not is_norm_like(MatrixNorm())
+    assert is_norm_like(ChannelsLastNorm())
+    assert is_norm_like(nn.GroupNorm(2, 8))
+    assert extended_placement(MatrixNorm(), "weight", (4, 4)).primitive == "conv"
 
 
 def test_scale_and_shift_use_their_1d_rules():

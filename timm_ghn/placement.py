@@ -96,9 +96,14 @@ class Placement:
 
 
 def is_norm_like(module: nn.Module) -> bool:
-    """True for a normalization module outside ``nn.BatchNorm*``/``nn.LayerNorm`` with a 1-D weight."""
+    """True for a module named like a norm whose weight is a per-channel vector.
+
+    The weight may carry unit dims (``[1, 1, 1, C]``) but at most one dim larger than 1.
+    """
     weight = getattr(module, "weight", None)
-    return bool(_NORM_CLASS.search(type(module).__name__)) and isinstance(weight, torch.Tensor) and weight.dim() >= 1
+    if not _NORM_CLASS.search(type(module).__name__) or not isinstance(weight, torch.Tensor):
+        return False
+    return weight.dim() >= 1 and sum(1 for size in weight.shape if size > 1) <= 1
 
 
 def _conv_primitive(module: nn.Module) -> str:
