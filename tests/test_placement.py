@@ -509,3 +509,28 @@ def test_ghn3_style_places_tokens():
     assert result.unpredicted == []
     assert {"cls_token", "pos_embed"} <= set(result.predicted)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_distilled_heads_get_classifier_flags():
+    """DeiT-distilled averages two heads, so its graph ends in a sum, not in a classifier."""
+    with torch.device("meta"):
+        model = timm.create_model("deit_tiny_distilled_patch16_224")
+
+    graph = build_graph(model)
+
+    weights = sorted(node.param_name for node in graph.nodes if node.last_weight)
+    biases = sorted(node.param_name for node in graph.nodes if node.last_bias)
+    assert weights == ["head.weight", "head_dist.weight"]
+    assert biases == ["head.bias", "head_dist.bias"]
+    sinks = [node.name for v, node in enumerate(graph.nodes) if not (graph.adjacency[v] == 1).any()]
+    assert sinks == ["AddBackward0"], "every token and head feeds the final sum"
+
+
+def test_distilled_heads_follow_predict_classifier(bundled_ghn):
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", depth=2, img_size=64)
+
+    result = predict_parameters(model, bundled_ghn, predict_classifier=False)
+
+    assert sorted(result.unpredicted) == ["head.bias", "head.weight", "head_dist.bias", "head_dist.weight"]
+    assert not result.classifier_predicted

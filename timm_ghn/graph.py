@@ -381,10 +381,8 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
                 module_name=entry.module_name,
                 bias_name=bias_name,
                 is_weight=is_weight,
-                # NOTE: the classifier flags are positional, as in the original builders. A model
-                # that ends in an operation (distilled DeiT/LeViT heads averaged by a sum) gets them
-                # on ``head_dist.bias`` and that sum, so its heads are decoded as ordinary layers
-                # and predicted even with ``predict_classifier=False``.
+                # The original builders' positional flags; ``_flag_heads`` corrects them for
+                # models that do not end in their classifier (extended graphs only).
                 last_weight=v == n - 2 and (style == "ghn2" or ".weight" in "." + entry.name),
                 last_bias=v == n - 1 and (style == "ghn2" or ".bias" in "." + entry.name),
             )
@@ -402,6 +400,47 @@ def _make_nodes(entries: list[Entry], style: str = "ghn2") -> list[GraphNode]:
         counts = ", ".join(f"{name} x{count}" for name, count in unknown.items())
         logger.info("operations without a GHN-2 node type are encoded as 'sum': %s", counts)
     return nodes
+
+
+def _flag_heads(nodes: list[GraphNode], adjacency: np.ndarray) -> None:
+    """Move the classifier flags to every weight whose only later parameter is its own bias.
+
+    The original builders flag the last two nodes, which works when the model ends in its
+    classifier. A model that averages two heads (distilled DeiT, LeViT) ends in a sum, and the
+    flags then fall on ``head_dist.bias`` and that sum. Here a weight of 2 or more dims is a head
+    when no parameter node except its module's bias lies downstream of it. The flags are left as
+    they are when no node qualifies; for a model that ends in its classifier the result is the same.
+    """
+    count = len(nodes)
+    children = [np.flatnonzero(adjacency[v] == 1) for v in range(count)]
+    param_below = np.zeros(count, dtype=bool)
+    for v in range(count - 1, -1, -1):  # nodes are in topological order
+        param_below[v] = any(nodes[c].param_name is not None or param_below[c] for c in children[v])
+
+    heads: list[int] = []
+    biases: list[int] = []
+    for v, node in enumerate(nodes):
+        if node.param_name is None or not node.is_weight or node.shape is None or len(node.shape) < 2:
+            continue
+        bias = None
+        qualifies = True
+        for c in children[v]:
+            child = nodes[c]
+            own_bias = child.param_name is not None and child.module_name == node.module_name and not child.is_weight
+            if own_bias and not param_below[c]:
+                bias = c
+            elif child.param_name is not None or param_below[c]:
+                qualifies = False
+                break
+        if qualifies:
+            heads.append(v)
+            if bias is not None:
+                biases.append(bias)
+    if not heads:
+        return
+    for v, node in enumerate(nodes):
+        node.last_weight = v in heads
+        node.last_bias = v in biases
 
 
 def _add_input_node(entries: list[Entry], adjacency: np.ndarray, sources) -> tuple[list[Entry], np.ndarray]:
@@ -518,6 +557,8 @@ def build_graph(
         entries, adjacency = _rewrite_ghn3(entries, adjacency)
     adjacency = _add_virtual_edges(adjacency, ve_cutoff)
     nodes = _make_nodes(entries, style)
+    if extended:
+        _flag_heads(nodes, adjacency)
 
     graph = Graph(nodes=nodes, adjacency=adjacency, unplaced=[], input_size=size, ve_cutoff=ve_cutoff)
     placed = set(graph.placed)

@@ -246,6 +246,9 @@ def collect_entries(
     # first: a single entry would join the blocks into a cycle.
     used: set[object] = set()
     leaf_links: dict[tuple[object, object], tuple[object, str]] = {}
+    # Extended parameters read by one operation form a chain in reading order (``cls_token ->
+    # dist_token`` for a concatenation), so that none of them is left without a consumer.
+    previous_leaf: dict[tuple[object, object], object] = {}
 
     def enter(function) -> list:
         label = type(function).__name__
@@ -315,6 +318,8 @@ def collect_entries(
                             memo.setdefault(operation, (key, entry.name))
                         leaf_links[(function, head)] = (key, entry.name)
             first, last = keyed[0], keyed[-1]
+            for previous, key in zip(keyed, keyed[1:]):
+                previous_leaf[(function, key)] = previous
         memo[function] = (last, label)
         return [function, first, list(function.next_functions), 0]
 
@@ -340,7 +345,10 @@ def collect_entries(
                 child_frame = enter(child)
             link, label = leaf_links.get((function, child)) or memo[child]
             if link is not None and link is not first:
-                if "bias" in label:
+                previous = previous_leaf.get((function, link))
+                if previous is not None and entries[link].placement is not None:
+                    edges.append((previous, link))
+                elif "bias" in label:
                     edges.append((first, link))
                 else:
                     edges.append((link, first))
