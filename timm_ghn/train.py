@@ -110,8 +110,8 @@ class ArchitecturePool:
     def get(self, index: int) -> tuple[nn.Module, Graph]:
         """Return a freshly built model (BatchNorm with batch statistics) and its cached graph."""
         spec = self.specs[index]
-        # Parameters the graph does not place (ViT pos_embed, ConvNeXt gamma) keep this init, so it
-        # is seeded by the pool index: equal in every use and independent of the global RNG state.
+        # Parameters the graph does not place keep this init, so it is seeded by the pool index:
+        # equal in every use and independent of the global RNG state.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed * 1_000_003 + index)
             model = spec.build(self.num_classes, self.image_size)
