@@ -75,7 +75,7 @@ def _through_shape_operations(function):
     """Return the ``AccumulateGrad`` node and the chain of shape operations above it, or None."""
     chain = []
     while not hasattr(function, "variable"):
-        if operation_name(type(function).__name__).rstrip("0123456789") not in SHAPE_OPERATIONS:
+        if operation_name(type(function).__name__) not in SHAPE_OPERATIONS:
             return None
         children = [child for child, _ in function.next_functions if child is not None]
         if len(children) != 1:
