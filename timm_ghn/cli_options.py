@@ -56,8 +56,10 @@ def add_init_options(parser: argparse.ArgumentParser, *, device: bool = True) ->
         f"({', '.join(NAMED_GHNS)}; downloaded once into the Hugging Face cache) "
         f"(default: ${GHN_ENV}, else the bundled GHN)",
     )
+
     parser.add_argument("--num-classes", type=int, default=None, metavar="N", help="classes of the model's head (default: the model's own, 1000 for ImageNet models)")
     parser.add_argument("--model-kwargs", default=None, metavar="JSON", help="other timm.create_model arguments as a JSON object")
+
     parser.add_argument(
         "--beta", type=float, default=InitOptions.beta, metavar="B",
         help="GHN-orth noise scale β, a multiple of the std of each weight's correlation matrix; 0 disables noise (default: %(default)g)",
@@ -72,9 +74,11 @@ def add_init_options(parser: argparse.ArgumentParser, *, device: bool = True) ->
         help="GHN-orth noise statistic: released = ppuda code (correlation of the tall weight view's rows), "
         "paper = correlation between output channels (default: %(default)s)",
     )
+
     parser.add_argument("--seed", type=int, default=InitOptions.seed, metavar="S", help="seed of timm's init of unpredicted parameters and of the noise (default: %(default)s)")
     if device:
         parser.add_argument("--device", default=InitOptions.device, metavar="D", help="device for the GHN and the model: cpu, cuda, cuda:N (default: %(default)s)")
+
     classifier = parser.add_mutually_exclusive_group()
     classifier.add_argument(
         "--predict-classifier", dest="predict_classifier", action="store_true", default=None,
@@ -84,6 +88,7 @@ def add_init_options(parser: argparse.ArgumentParser, *, device: bool = True) ->
         "--no-predict-classifier", dest="predict_classifier", action="store_false",
         help="keep timm's init of the head (default when its classes differ from the GHN's)",
     )
+
     parser.add_argument(
         "--require-coverage", default=None, metavar="FRACTION",
         help="fail, writing no file, when the GHN predicts less than this fraction (0 to 1) of the model's "

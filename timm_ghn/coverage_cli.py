@@ -95,8 +95,11 @@ def _header(width: int, predict: bool) -> str:
 
 @contextlib.contextmanager
 def _quiet_prediction_warnings(quiet: bool) -> Iterator[None]:
-    """Hide the per-model warnings of :mod:`timm_ghn.predict` about tensors left at timm's init, which
-    each output line reports as unplaced kinds and the predicted share; ``-v`` keeps them."""
+    """Hide the per-model warnings of :mod:`timm_ghn.predict` about tensors left at timm's init.
+
+    Each output line already reports them as unplaced kinds and the predicted share. ``-v`` keeps
+    the warnings.
+    """
     predict_logger = logging.getLogger("timm_ghn.predict")
     level = predict_logger.level
     if quiet:

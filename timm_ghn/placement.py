@@ -38,9 +38,9 @@ Rows beyond that square are class-token entries and are set to zero, because the
 vector already carries what a learned position adds. They lead in a position embedding and trail
 in a relative position table, whose last 3 rows are the class-token entries in timm's BEiT and
 ``RelPosBias`` (``gen_relative_position_index``, timm 1.0). GHN-2's output scaling applies to the map
-as to any 4-D tensor: a map with ``h >= 11`` keeps the decoder's raw values (ppuda's rule for its
-positional encodings, std about 0.3 with the bundled GHN) and a smaller one is multiplied by
-``sqrt(β / (C·h·w))``. The transposed-convolution kernel
+as to any 4-D tensor. A map with ``h >= 11`` keeps the decoder's raw values, which is ppuda's
+rule for its positional encodings (std about 0.3 with the bundled GHN). A smaller map is
+multiplied by ``sqrt(β / (C·h·w))``. The transposed-convolution kernel
 ``[C_in, C_out, kh, kw]`` is decoded as the convolution kernel of its adjoint
 ``[C_out, C_in, kh, kw]``.
 
