@@ -3,8 +3,8 @@
 A request (:class:`InitRequest`) names a timm model, its constructor arguments, the GHN checkpoint
 and the method with its options. Its key is the SHA-256 of a JSON document with these fields:
 
-* ``format``: :data:`CACHE_FORMAT_VERSION`, raised whenever the file layout or the meaning of a
-  field changes, so older entries are never served for a newer request;
+* ``format``: :data:`CACHE_FORMAT_VERSION`, raised whenever the file layout, the meaning of a
+  field or the prediction rules change, so older entries are never served for a newer request;
 * ``model_name`` and ``model_kwargs`` (sorted JSON, without ``pretrained``);
 * ``architecture``: the SHA-256 of the ordered list of ``model.state_dict()`` names, shapes and
   safetensors dtypes, read from the model built on the ``meta`` device;
@@ -65,8 +65,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Version of the cache layout and key fields; part of every key.
-CACHE_FORMAT_VERSION = 1
+#: Version of the cache layout, the key fields and the prediction rules; part of every key.
+#: Raise it also when the graph or decoding rules change the tensors a key stands for. Version 2:
+#: the graph places layer scales, tokens, position tables, other norms and convolutions.
+CACHE_FORMAT_VERSION = 2
 
 #: Environment variable that overrides the cache directory.
 CACHE_ENV = "TIMM_GHN_CACHE"
