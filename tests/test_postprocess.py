@@ -21,6 +21,8 @@ from timm_ghn.postprocess import (
     orthogonalize_,
     weight_modules,
 )
+from timm_ghn.postprocess import _repeat_period
+from timm_ghn.predict import fit_block
 
 RESNET18_LAYERS = 21
 
@@ -90,6 +92,52 @@ def test_correlation_std_tiled_weight(repeats: tuple[int, int], variant: str) ->
     actual = correlation_std(weight, variant)
 
     assert actual == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["released", "paper"])
+@pytest.mark.parametrize(
+    ("block_shape", "target"),
+    [
+        ((5, 7), (23, 30)),  # the last tile is cut in both dims
+        ((6, 4, 3, 3), (20, 9, 3, 3)),  # wide conv, columns repeat every 4 * 9 entries
+        ((7, 3), (48, 3)),  # rows repeat, columns do not
+    ],
+)
+def test_correlation_std_cut_tiles_match_numpy(
+    block_shape: tuple[int, ...], target: tuple[int, ...], variant: str
+) -> None:
+    # fit_block cuts the last tile when the block does not divide the target, as GHN prediction does.
+    weight = fit_block(_random_weight(block_shape, seed=2), target)
+    expected = _numpy_correlation_std(weight, variant)
+
+    actual = correlation_std(weight, variant)
+
+    assert actual == pytest.approx(expected, rel=1e-9)
+
+
+def test_correlation_std_almost_tiled_weight() -> None:
+    # One changed entry breaks the period, so the whole matrix must be read.
+    weight = fit_block(_random_weight((4, 6), seed=3), (18, 40))
+    weight[17, 39] += 0.5
+
+    for variant in ("released", "paper"):
+        assert correlation_std(weight, variant) == pytest.approx(_numpy_correlation_std(weight, variant), rel=1e-5)
+
+
+def test_repeat_period() -> None:
+    block = _random_weight((5, 7), seed=4)
+    tiled = fit_block(block, (23, 30))
+    assert _repeat_period(tiled, 0) == 5
+    assert _repeat_period(tiled, 1) == 7
+    assert _repeat_period(block, 0) == 5
+    assert _repeat_period(block, 1) == 7
+
+    # Row 3 equals row 0, but row 4 differs from row 1: no period, the full size is returned.
+    rows = _random_weight((6, 4), seed=5)
+    rows[3] = rows[0]
+    assert _repeat_period(rows, 0) == 6
+    rows[4:] = rows[1:3]
+    assert _repeat_period(rows, 0) == 3
 
 
 def test_correlation_std_float64_weight() -> None:
