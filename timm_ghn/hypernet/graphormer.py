@@ -37,17 +37,21 @@ class _Attention(nn.Module):
             self.edge_embed = _EdgeEmbedding(hid)
             self.proj_e = nn.Sequential(nn.Linear(2 * hid, hid), nn.ReLU(), nn.Linear(hid, heads))
 
-    def edge_bias(self, distances: torch.Tensor) -> torch.Tensor:
+    def edge_bias(self, adjacency: np.ndarray) -> torch.Tensor:
         """Return the ``[H, N, N]`` attention bias ``proj_e(concat(E[A[i,j]+2], E[A[j,i]+2]))``.
 
         ``proj_e`` is evaluated once per distinct ``(A[i,j], A[j,i])`` pair and gathered, which
-        gives the same values as evaluating it for all ``N²`` pairs.
+        gives the same values as evaluating it for all ``N²`` pairs. The distinct pairs are found
+        with numpy on the CPU, in the sorted order ``torch.unique`` would give, so no
+        data-dependent operation runs on the GHN's device.
         """
-        forward = distances + EDGE_OFFSET
-        backward = distances.t() + EDGE_OFFSET
-        pairs = torch.stack([forward.flatten(), backward.flatten()], dim=1)
-        unique, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        distances = np.asarray(adjacency, dtype=np.int64)
+        pairs = np.stack([distances.ravel(), distances.T.ravel()], axis=1) + EDGE_OFFSET
+        unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+
         table = self.edge_embed.embed.weight
+        unique = torch.from_numpy(unique).to(table.device)
+        inverse = torch.from_numpy(inverse.reshape(-1)).to(table.device)
         features = torch.cat([table[unique[:, 0]], table[unique[:, 1]]], dim=1)
         bias = self.proj_e(features)[inverse]
         n = distances.shape[0]
@@ -116,7 +120,7 @@ class Graphormer(nn.ModuleList):
             + first.input_dist_embed(input_distance)
         )
 
-        bias = first.attn.edge_bias(distances)
+        bias = first.attn.edge_bias(adjacency)
         for layer in self:
             x = layer(x, bias)
         return x
