@@ -43,16 +43,20 @@ class _Attention(nn.Module):
         ``proj_e`` is evaluated once per distinct ``(A[i,j], A[j,i])`` pair and gathered, which
         gives the same values as evaluating it for all ``N²`` pairs. The distinct pairs are found
         with numpy on the CPU, in the sorted order ``torch.unique`` would give, so no
-        data-dependent operation runs on the GHN's device.
+        data-dependent operation runs on the GHN's device. Each pair is encoded as one integer
+        ``forward * base + backward``, whose sorted order is the lexicographic order of the pairs.
         """
         distances = np.asarray(adjacency, dtype=np.int64)
-        pairs = np.stack([distances.ravel(), distances.T.ravel()], axis=1) + EDGE_OFFSET
-        unique, inverse = np.unique(pairs, axis=0, return_inverse=True)
+        forward = distances.ravel() + EDGE_OFFSET
+        backward = distances.T.ravel() + EDGE_OFFSET
+        base = int(max(forward.max(initial=0), backward.max(initial=0))) + 1
+        keys, inverse = np.unique(forward * base + backward, return_inverse=True)
 
         table = self.edge_embed.embed.weight
-        unique = torch.from_numpy(unique).to(table.device)
+        unique_forward = torch.from_numpy(keys // base).to(table.device)
+        unique_backward = torch.from_numpy(keys % base).to(table.device)
         inverse = torch.from_numpy(inverse.reshape(-1)).to(table.device)
-        features = torch.cat([table[unique[:, 0]], table[unique[:, 1]]], dim=1)
+        features = torch.cat([table[unique_forward], table[unique_backward]], dim=1)
         bias = self.proj_e(features)[inverse]
         n = distances.shape[0]
         return bias.view(n, n, self.heads).permute(2, 0, 1)
