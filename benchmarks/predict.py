@@ -7,8 +7,8 @@ For each model the script measures, in one fresh Python process per model:
 * the GHN forward pass, including fitting the blocks and copying them into the model
   (``predict_parameters`` with a prebuilt graph);
 * GHN-orth (``ghn_orth_``) with the published start layer ``L`` and ``β = 3e-5``;
-* ``torch.linalg.qr`` alone on the tall views that GHN-orth just factored, which bounds from
-  below what any Householder-based GHN-orth can take on this machine;
+* ``torch.linalg.qr`` alone on the tall views that GHN-orth just factored. GHN-orth runs the
+  same calls, so this is a lower bound on its time on this machine;
 * writing the state dict with ``save_state_dict`` to a temporary directory;
 * the peak resident set size (``ru_maxrss``), which is why each model gets its own process.
 
@@ -110,15 +110,11 @@ def _qr_step(start_layer: int, variant: str) -> str:
 
 
 def _tall_views(model, module_names: list[str]) -> list:
-    """Return the tall 2-D float32 views that GHN-orth factors for ``module_names`` (copies only for other dtypes)."""
+    """Return the float32 tall 2-D views that GHN-orth factors for ``module_names``."""
+    from timm_ghn.postprocess import _tall_view
+
     modules = dict(model.named_modules())
-    views = []
-    for name in module_names:
-        matrix = modules[name].weight.detach().reshape(modules[name].weight.shape[0], -1)
-        if matrix.shape[0] < matrix.shape[1]:
-            matrix = matrix.t()
-        views.append(matrix.float())
-    return views
+    return [_tall_view(modules[name].weight.detach())[0].float() for name in module_names]
 
 
 def measure_model(model_name: str, ghn_path: str, repeats: int, device: str) -> dict[str, Any]:
@@ -265,7 +261,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for position, setting in enumerate(settings):
         orth = wall[setting["step"]][1:]
-        qr = wall[setting["step"].replace("orth ", "qr ", 1)][1:]
+        qr = wall[_qr_step(setting["start_layer"], setting["variant"])][1:]
         ratio = (min(graph_real) + min(predict_all) + min(orth)) / min(create)
         round_ratios = [
             (graph_real[k] + predict_rounds[k][position] + orth[k]) / create[k] for k in range(len(create))

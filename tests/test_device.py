@@ -1,7 +1,7 @@
 """Device handling of prediction, checked on the ``meta`` device because the tests have no GPU.
 
 An operation that mixes a tensor on the ``meta`` device with a CPU tensor of one or more dims
-raises, as it does for a CUDA tensor. Running the whole GHN forward pass with the model and the
+raises, and PyTorch raises a similar device-mismatch error for CUDA tensors. Running the whole GHN forward pass with the model and the
 GHN on ``meta`` therefore finds every tensor that the prediction code creates on the CPU and
 then combines with the GHN's or the model's tensors. ``meta`` tensors have no values, so this
 cannot check numbers, and GHN-orth (which reads values to check them) is not covered.
@@ -15,29 +15,24 @@ import pytest
 import timm
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import SHARED
 from timm_ghn.graph import build_graph
 from timm_ghn.hypernet import load_ghn
-from timm_ghn.pipeline import initialize_model
+from timm_ghn.pipeline import DEFAULT_GHN, initialize_model
 from timm_ghn.predict import predict_parameters
 
-BUNDLED_GHN = ROOT / "timm_ghn" / "data" / "ghn2-cifar5.safetensors"
 GHN3_REFERENCE = SHARED / "reference" / "ghn3" / "ghn3tm8_rand_seed0.pt"
 
 MODELS = ["resnet18", "test_vit", "test_convnext", "test_efficientnet", "test_coatnet"]
 
 
-def _load(kind: str):
-    if kind == "ghn3":
-        if not GHN3_REFERENCE.is_file():
-            pytest.skip(f"GHN-3 reference checkpoint not found: {GHN3_REFERENCE}")
-        return load_ghn(GHN3_REFERENCE)
-    return load_ghn(BUNDLED_GHN)
-
-
 @pytest.fixture(scope="module", params=["ghn2", "ghn3"])
 def loaded_ghn(request):
-    return _load(request.param)
+    if request.param == "ghn2":
+        return load_ghn(DEFAULT_GHN)
+    if not GHN3_REFERENCE.is_file():
+        pytest.skip(f"GHN-3 reference checkpoint not found: {GHN3_REFERENCE}")
+    return load_ghn(GHN3_REFERENCE)
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -65,7 +60,7 @@ def test_meta_device_catches_cpu_tensor() -> None:
 
 
 def test_initialize_model_on_meta_device() -> None:
-    model, report = initialize_model("test_convnext", method="ghn", ghn=str(BUNDLED_GHN), device="meta")
+    model, report = initialize_model("test_convnext", method="ghn", ghn=str(DEFAULT_GHN), device="meta")
 
     assert {parameter.device.type for parameter in model.parameters()} == {"meta"}
     assert report.method == "ghn"

@@ -257,7 +257,7 @@ def _row_correlation_std(matrix: Tensor) -> float:
         \sum_{ij} R_{ij}^2 = \lVert Y Y^\top \rVert_F^2
 
     This is the same value in exact arithmetic, at the cost of the block. The block is computed
-    in float64; an untiled matrix keeps the float32 product.
+    in float64, and an untiled matrix keeps the float32 product.
     """
     rows, cols = matrix.shape
     if rows < 2 or cols < 2:
@@ -281,18 +281,17 @@ def _row_correlation_std(matrix: Tensor) -> float:
         centred = values - (values * col_weights).sum(dim=1, keepdim=True) / cols
         centred = centred * col_weights.sqrt()
     else:
-        row_counts = None
         centred = values - values.mean(dim=1, keepdim=True)
     norms = torch.linalg.vector_norm(centred, dim=1, keepdim=True)
     if bool((norms == 0).any()):
         return float("nan")
     unit_rows = centred / norms
 
-    if row_counts is None:
-        column_sums = unit_rows.sum(dim=0)
-    else:
+    if tiled:
         column_sums = row_counts @ unit_rows
         unit_rows = unit_rows * row_counts.sqrt().unsqueeze(1)
+    else:
+        column_sums = unit_rows.sum(dim=0)
     if unit_rows.shape[0] <= unit_rows.shape[1]:
         gram = unit_rows @ unit_rows.t()
     else:
